@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install the Debian packages kmstn needs, only if some are missing (idempotent).
+#   libtss2-dev + pkg-config: to build tpm2-pytss;  swtpm + swtpm-tools: the
+#   emulated TPM used when no hardware TPM is present (labs, CI, the demo).
+set -euo pipefail
+packages=(libtss2-dev pkg-config swtpm swtpm-tools)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+echo "installing Debian packages: ${missing[*]}"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

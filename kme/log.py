@@ -1,0 +1,110 @@
+"""JSON-lines logging for journald: one object per line on stdout.
+
+Every line carries ``ts``, ``level``, ``service``, ``node`` and ``msg``, plus
+the request context set with :func:`log_context` (``request_id``,
+``sae_id``, ``key_id``, ...) and any ``extra`` fields of the call.
+
+Key bytes, KEM secrets and database keys must never reach a log call. As a
+second line of defence, values are rendered with ``repr`` only for types we
+know (str, numbers, bools, None, lists/dicts of those); anything else,
+including :class:`kme.types.SecretBytes` and ``bytes``, is replaced by its
+type name, so a secret passed by mistake prints as ``<bytes>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import datetime as _dt
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+__all__ = ["JsonFormatter", "configure", "get_logger", "log_context"]
+
+_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
+    "kmstn_log_context", default={}  # noqa: B039 - never mutated, always replaced
+)
+
+# Attributes every LogRecord has; anything else on a record came from extra=.
+_RECORD_FIELDS = frozenset(
+    vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None)).keys()
+) | {"message", "asctime", "taskName"}
+
+
+def _safe(value: Any, depth: int = 0) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if depth < 3 and isinstance(value, (list, tuple, set, frozenset)):
+        return [_safe(v, depth + 1) for v in value]
+    if depth < 3 and isinstance(value, dict):
+        return {str(k): _safe(v, depth + 1) for k, v in value.items()}
+    if type(value).__name__ in {"UUID", "Path", "PosixPath", "ErrorCode"}:
+        return str(value)
+    return f"<{type(value).__name__}>"
+
+
+def _message(record: logging.LogRecord) -> str:
+    msg = str(record.msg)
+    if not record.args:
+        return msg
+    args = record.args if isinstance(record.args, tuple) else (record.args,)
+    try:
+        return msg % tuple(_safe(a) for a in args)
+    except (TypeError, ValueError):
+        return msg
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, service: str, node: str) -> None:
+        super().__init__()
+        self._service = service
+        self._node = node
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": _dt.datetime.fromtimestamp(record.created, _dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "service": self._service,
+            "node": self._node,
+            "msg": _message(record),
+        }
+        out.update(_context.get())
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and not key.startswith("_"):
+                out[key] = _safe(value)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, separators=(",", ":"), default=lambda v: f"<{type(v).__name__}>")
+
+
+def configure(service: str, node: str, level: str = "info", stream: TextIO | None = None) -> None:
+    """Send all logging to ``stream`` (stdout) as JSON lines."""
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(JsonFormatter(service, node))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # Library chatter at INFO (werkzeug request lines, grpc) is not ours.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(name)
+
+
+@contextlib.contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Add fields (request_id, sae_id, key_id, ...) to every line logged inside."""
+    merged = {**_context.get(), **{k: _safe(v) for k, v in fields.items() if v is not None}}
+    token = _context.set(merged)
+    try:
+        yield
+    finally:
+        _context.reset(token)

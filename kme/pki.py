@@ -1,0 +1,155 @@
+"""A throwaway certificate authority for labs, tests and the demo.
+
+``kmstn pki`` uses this to issue one certificate per KMSTN, device KME and
+SAE of a topology. Identities follow one rule across kmstn: the subject
+common name (CN) is the SAE, node or KME ID; server certificates also carry
+the listener's IP address (or DNS name) as a subjectAltName.
+
+Real deployments bring their own PKI: point the node file's ``[tls]`` at
+certificates whose CN is the node ID, issued by a CA every peer trusts.
+Keys are ECDSA P-256 (fast handshakes) and written with mode 0600.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = ["CertificateAuthority", "Issued", "common_name_of"]
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    cert: Path
+    key: Path
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def _safe_filename(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+class CertificateAuthority:
+    """A CA kept as ``ca.pem`` and ``ca.key`` in one directory."""
+
+    def __init__(self, directory: Path, cert: x509.Certificate,
+                 key: ec.EllipticCurvePrivateKey) -> None:
+        self.directory = directory
+        self.cert = cert
+        self._key = key
+
+    @property
+    def cert_path(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @classmethod
+    def create(cls, directory: Path, name: str = "kmstn throwaway CA",
+               days: int = 365) -> CertificateAuthority:
+        directory.mkdir(parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                              content_commitment=False, key_encipherment=False,
+                              data_encipherment=False, key_agreement=False,
+                              encipher_only=False, decipher_only=False),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        (directory / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(directory / "ca.key", key)
+        return cls(directory, cert, key)
+
+    @classmethod
+    def load(cls, directory: Path) -> CertificateAuthority:
+        cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+        key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{directory / 'ca.key'} is not an EC key")
+        return cls(directory, cert, key)
+
+    def issue(
+        self,
+        common_name: str,
+        out_dir: Path | None = None,
+        *,
+        ips: tuple[str, ...] = (),
+        dns: tuple[str, ...] = (),
+        days: int = 365,
+        key: ec.EllipticCurvePrivateKey | None = None,
+    ) -> Issued:
+        """Issue a certificate usable as TLS client and server for ``common_name``."""
+        out = out_dir or self.directory
+        out.mkdir(parents=True, exist_ok=True)
+        key = key or ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        sans: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+        sans += [x509.DNSName(d) for d in dns]
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                       ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                critical=False,
+            )
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(self._key, hashes.SHA256())
+        stem = _safe_filename(common_name)
+        cert_path, key_path = out / f"{stem}.pem", out / f"{stem}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(key_path, key)
+        return Issued(cert_path, key_path)
+
+
+def common_name_of(cert_der: bytes) -> str | None:
+    """The subject CN of a DER certificate (kmstn's identity rule), or None."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        return None
+    value = names[0].value
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")

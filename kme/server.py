@@ -1,0 +1,218 @@
+"""The process shape every kmstn gRPC service follows.
+
+``python -m routing --config node.toml`` (and the ``kmstn-routing`` console
+script) both end up in :func:`run_service`:
+
+1. parse arguments (``--config``, ``--check-config``);
+2. load and validate the node file and its topology; on a bad file print a
+   message naming the file and field and exit 78 (EX_CONFIG);
+3. configure JSON-lines logging;
+4. build the service's dependencies explicitly (no module globals) through a
+   ``build`` callback that registers servicers on a :class:`Runtime`;
+5. serve gRPC with the standard health service, on a unix socket (mode 0600)
+   by default or TCP with mutual TLS when configured;
+6. on SIGTERM or SIGINT: report NOT_SERVING, stop accepting, let running
+   calls finish (grace period), run the service's closers, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import stat
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from kme import log as kmelog
+from kme.config import EX_CONFIG, ConfigError, Endpoint, NodeConfig, TlsFiles, load_node_config
+from kme.errors import ErrorCode, ErrorInterceptor, KmstnError
+
+__all__ = ["Runtime", "parse_args", "run_service", "server_credentials"]
+
+GRACE_SECONDS = 5.0
+SERVER_OPTIONS: list[tuple[str, int | str]] = [
+    # gRPC turns SO_REUSEPORT on by default; two services on one port must
+    # fail loudly instead of sharing it.
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+]
+
+
+def _bind_error(address: str) -> KmstnError:
+    return KmstnError(ErrorCode.UNAVAILABLE, f"cannot listen on {address} (in use?)")
+
+
+def parse_args(prog: str, description: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, type=Path, help="node file (node.toml)")
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the configuration and exit"
+    )
+    return parser.parse_args(argv)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror}") from None
+
+
+def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+    """Mutual TLS: the client must present a certificate from our CA."""
+    return grpc.ssl_server_credentials(
+        [(_read(tls.key), _read(tls.cert))],
+        root_certificates=_read(tls.ca),
+        require_client_auth=True,
+    )
+
+
+class Runtime:
+    """What a service's ``build`` callback gets: config, logger, servers, hooks."""
+
+    def __init__(self, name: str, config: NodeConfig, log: logging.Logger, max_workers: int):
+        self.name = name
+        self.config = config
+        self.log = log
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.server = self._new_server(max_workers)
+        self._extra: list[tuple[grpc.Server, str]] = []
+        self._closers: list[Callable[[], None]] = []
+        self._service_names: list[str] = [""]
+
+    def _new_server(self, max_workers: int) -> grpc.Server:
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers,
+                                       thread_name_prefix=f"{self.name}-rpc"),
+            interceptors=[ErrorInterceptor(self.log)],
+            options=SERVER_OPTIONS,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        return server
+
+    def serving(self, full_service_name: str) -> None:
+        """Report this gRPC service name in the health service."""
+        self._service_names.append(full_service_name)
+
+    def on_stop(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` at shutdown, after the servers stopped (last added, first run)."""
+        self._closers.append(fn)
+
+    def add_tcp_server(self, host: str, port: int, tls: TlsFiles,
+                       max_workers: int = 16) -> grpc.Server:
+        """A second listener (e.g. the relay's neighbour-facing port), mTLS only."""
+        server = self._new_server(max_workers)
+        address = f"{host}:{port}"
+        bound = server.add_secure_port(address, server_credentials(tls))
+        if bound == 0:
+            raise _bind_error(address)
+        self._extra.append((server, address))
+        return server
+
+    @property
+    def extra_addresses(self) -> list[str]:
+        return [address for _, address in self._extra]
+
+    # -- lifecycle, driven by run_service -------------------------------------
+
+    def bind_internal(self, endpoint: Endpoint) -> str:
+        if endpoint.scheme == "unix":
+            path = Path(endpoint.address)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(path.lstat().st_mode):
+                    path.unlink()  # stale socket of a previous run
+            old = os.umask(0o177)
+            try:
+                bound = self.server.add_insecure_port(endpoint.grpc_target)
+            finally:
+                os.umask(old)
+            if bound == 0:
+                raise _bind_error(str(endpoint))
+            os.chmod(path, 0o600)
+            return str(endpoint)
+        bound = self.server.add_secure_port(endpoint.address,
+                                            server_credentials(self.config.tls))
+        if bound == 0:
+            raise _bind_error(str(endpoint))
+        host = endpoint.address.rpartition(":")[0]
+        return f"tcp://{host}:{bound}"
+
+    def start(self) -> None:
+        self.server.start()
+        for server, _ in self._extra:
+            server.start()
+        for name in self._service_names:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self) -> None:
+        self.health.enter_graceful_shutdown()
+        events = [self.server.stop(GRACE_SECONDS)]
+        events += [server.stop(GRACE_SECONDS) for server, _ in self._extra]
+        for ev in events:
+            ev.wait(GRACE_SECONDS + 1)
+        for fn in reversed(self._closers):
+            try:
+                fn()
+            except Exception:
+                self.log.exception("error while stopping")
+
+
+def run_service(
+    name: str,
+    description: str,
+    build: Callable[[Runtime], None],
+    argv: Sequence[str] | None = None,
+    max_workers: int = 32,
+) -> int:
+    """Run one gRPC service process until SIGTERM; return its exit code."""
+    args = parse_args(f"kmstn-{name}", description, argv)
+    try:
+        config = load_node_config(args.config)
+    except ConfigError as exc:
+        print(f"kmstn-{name}: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if args.check_config:
+        print(f"kmstn-{name}: {config.source}: configuration is valid")
+        return 0
+
+    kmelog.configure(name, config.node_id, config.log_level)
+    log = logging.getLogger(f"kmstn.{name}")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    runtime = Runtime(name, config, log, max_workers)
+    try:
+        build(runtime)
+        address = runtime.bind_internal(config.endpoint(name))  # type: ignore[arg-type]
+        runtime.start()
+    except ConfigError as exc:
+        log.error("configuration error", extra={"error": exc.public})
+        print(f"kmstn-{name}: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except KmstnError as exc:
+        log.error("cannot start", extra={"error": exc.public, "cause": exc.cause})
+        print(f"kmstn-{name}: cannot start: {exc.public}", file=sys.stderr)
+        runtime.stop()
+        return 1
+    log.info("listening", extra={"address": address,
+                                 "extra_listeners": runtime.extra_addresses})
+    stop.wait()
+    runtime.stop()
+    log.info("stopped")
+    return 0

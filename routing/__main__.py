@@ -1,0 +1,26 @@
+"""``python -m routing --config node.toml``: the routing service process."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from kme.rpc.v1 import routing_pb2, routing_pb2_grpc
+from kme.server import Runtime, run_service
+from routing.graph import RoutingTable
+from routing.service import RoutingService
+
+
+def build(rt: Runtime) -> None:
+    table = RoutingTable(rt.config.topology, rt.config.node_id)
+    routing_pb2_grpc.add_RoutingServicer_to_server(RoutingService(table, rt.log), rt.server)
+    rt.serving(routing_pb2.DESCRIPTOR.services_by_name["Routing"].full_name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_service("routing", "kmstn routing service (shortest paths, link state)", build,
+                       argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

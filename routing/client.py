@@ -1,0 +1,35 @@
+"""Typed client of the Routing service, for the other services of a node."""
+
+from __future__ import annotations
+
+import grpc
+
+from kme.channels import call
+from kme.rpc.v1 import routing_pb2, routing_pb2_grpc
+from routing.convert import route_from_proto
+from routing.graph import Route
+
+__all__ = ["RoutingClient"]
+
+
+class RoutingClient:
+    def __init__(self, channel: grpc.Channel, timeout: float = 2.0) -> None:
+        self._stub = routing_pb2_grpc.RoutingStub(channel)
+        self._timeout = timeout
+
+    def route_to_sae(self, sae: str) -> Route:
+        msg = call(self._stub.Route, routing_pb2.RouteRequest(sae_id=sae), self._timeout)
+        return route_from_proto(msg)
+
+    def route_to_node(self, node: str) -> Route:
+        msg = call(self._stub.Route, routing_pb2.RouteRequest(node_id=node), self._timeout)
+        return route_from_proto(msg)
+
+    def set_link_state(self, link_id: str, up: bool, cost: float | None = None) -> None:
+        req = routing_pb2.LinkStateUpdate(link_id=link_id, up=up)
+        if cost is not None:
+            req.cost = cost
+        call(self._stub.SetLinkState, req, self._timeout)
+
+    def topology(self) -> routing_pb2.TopologySnapshot:
+        return call(self._stub.Topology, routing_pb2.TopologyRequest(), self._timeout)
