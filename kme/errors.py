@@ -23,6 +23,7 @@ import grpc
 
 __all__ = [
     "ERROR_CODE_METADATA_KEY",
+    "ERROR_REASON_METADATA_KEY",
     "ErrorCode",
     "ErrorInterceptor",
     "KmstnError",
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 ERROR_CODE_METADATA_KEY = "kmstn-error-code"
+ERROR_REASON_METADATA_KEY = "kmstn-error-reason"
 
 
 class ErrorCode(enum.Enum):
@@ -88,13 +90,21 @@ class ErrorCode(enum.Enum):
 
 
 class KmstnError(Exception):
-    """An expected failure with a public message and a private cause."""
+    """An expected failure with a public message and a private cause.
 
-    def __init__(self, code: ErrorCode, public: str, *, cause: str | None = None) -> None:
+    ``reason`` is an optional machine-readable refinement of the code (for
+    example ``missing_parameters`` or ``no_known_route``): the ETSI 020 layer
+    uses it as the problem-details key, and it travels across gRPC with the
+    code.
+    """
+
+    def __init__(self, code: ErrorCode, public: str, *, cause: str | None = None,
+                 reason: str | None = None) -> None:
         super().__init__(public)
         self.code = code
         self.public = public
         self.cause = cause
+        self.reason = reason
 
     def __repr__(self) -> str:
         return f"KmstnError({self.code.name}, {self.public!r})"
@@ -103,10 +113,13 @@ class KmstnError(Exception):
 def from_rpc_error(err: grpc.RpcError) -> KmstnError:
     """Turn a failed gRPC call back into the KmstnError the server raised."""
     code: ErrorCode | None = None
+    reason: str | None = None
     trailing: Any = getattr(err, "trailing_metadata", lambda: None)() or ()
     for key, value in trailing:
         if key == ERROR_CODE_METADATA_KEY and value in ErrorCode.__members__:
             code = ErrorCode[value]
+        elif key == ERROR_REASON_METADATA_KEY:
+            reason = str(value)
     status: Any = getattr(err, "code", lambda: None)()
     details: Any = getattr(err, "details", lambda: None)()
     if code is None:
@@ -120,7 +133,7 @@ def from_rpc_error(err: grpc.RpcError) -> KmstnError:
             )
         # Transport failures carry library text; keep it private.
         return KmstnError(code, "internal service unavailable", cause=str(details))
-    return KmstnError(code, str(details or code.name))
+    return KmstnError(code, str(details or code.name), reason=reason)
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
@@ -153,7 +166,10 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 if exc.cause:
                     log.info("rpc failed", extra={"rpc": method, "error_code": exc.code.name,
                                                   "cause": exc.cause})
-                context.set_trailing_metadata(((ERROR_CODE_METADATA_KEY, exc.code.name),))
+                metadata = [(ERROR_CODE_METADATA_KEY, exc.code.name)]
+                if exc.reason:
+                    metadata.append((ERROR_REASON_METADATA_KEY, exc.reason))
+                context.set_trailing_metadata(tuple(metadata))
                 context.abort(exc.code.grpc_status, exc.public)
             except Exception:
                 # Servicers raise KmstnError and never call context.abort

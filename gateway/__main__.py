@@ -1,0 +1,64 @@
+"""``python -m gateway --config node.toml --api etsi014|etsi020``: one REST listener."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kme import log as kmelog
+from kme.config import EX_CONFIG, ConfigError, NodeConfig, load_node_config
+
+
+def _app(api: str, config: NodeConfig) -> Any:
+    from gateway.app import create_app
+    from gateway.deps import build_flows
+
+    return create_app(api, config, build_flows(config))  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kmstn-gateway", description=__doc__)
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--api", required=True, choices=("etsi014", "etsi020"))
+    parser.add_argument("--check-config", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        config = load_node_config(args.config)
+    except ConfigError as exc:
+        print(f"kmstn-gateway: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if args.check_config:
+        print(f"kmstn-gateway: {config.source}: configuration is valid")
+        return 0
+    service = f"gateway-{args.api}"
+    kmelog.configure(service, config.node_id, config.log_level)
+    log = logging.getLogger(f"kmstn.{service}")
+    try:
+        if args.api == "etsi020":
+            from gateway.serve020 import Etsi020Server
+
+            Etsi020Server(config, _app("etsi020", config)).serve_until_signal()
+        else:
+            from gateway.serve014 import Etsi014Server
+
+            def load() -> Any:
+                kmelog.configure(service, config.node_id, config.log_level)
+                return _app("etsi014", config)
+
+            log.info("listening", extra={
+                "address": f"{config.node.host}:{config.node.etsi014_port}"})
+            Etsi014Server(config, load).run()
+    except OSError as exc:
+        log.error("cannot start", extra={"error": str(exc)})
+        print(f"kmstn-gateway: cannot start: {exc}", file=sys.stderr)
+        return 1
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

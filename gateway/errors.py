@@ -1,0 +1,154 @@
+"""The only ETSI status tables of kmstn: ErrorCode -> HTTP for ETSI 014 and ETSI 020.
+
+ETSI GS QKD 014 V1.1.1 (clause 5, status codes): 400 and 503 carry the Error
+body ``{"message": ..., "details": [...]}``; 401 carries one too (the spec
+defines none, and clients that always parse JSON break on an empty 401).
+No other status is ever sent: an unexpected failure is a 503, never a 500.
+
+ETSI GS QKD 020 V1.1.1 (clause 5.5 of the spec note): errors are RFC 9457
+problem details ``{type, status, title, details}`` with ``details`` a map of
+strings, served as ``application/problem+json``; 400 / 401 / 408 / 503 only.
+
+Only public messages ever reach a response; a KmstnError's ``cause`` is for
+the private log, and INTERNAL errors answer with a fixed text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+
+from kme.errors import ErrorCode, KmstnError
+
+__all__ = ["ETSI014_STATUS", "Etsi020Problem", "etsi014_error", "etsi020_problem"]
+
+# -- ETSI GS QKD 014 ---------------------------------------------------------
+
+ETSI014_STATUS: Final[dict[ErrorCode, int]] = {
+    ErrorCode.INVALID_ARGUMENT: 400,
+    ErrorCode.SIZE_NOT_MULTIPLE_OF_8: 400,
+    ErrorCode.UNSUPPORTED_MANDATORY_EXTENSION: 400,
+    ErrorCode.UNSATISFIED_MANDATORY_EXTENSION: 400,
+    ErrorCode.UNKNOWN_SAE: 400,
+    ErrorCode.UNKNOWN_NODE: 400,
+    ErrorCode.KEY_NOT_FOUND: 400,
+    ErrorCode.KEY_CONFLICT: 400,
+    ErrorCode.PERMISSION_DENIED: 401,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.INSUFFICIENT_KEY: 503,
+    ErrorCode.NO_ROUTE: 503,
+    ErrorCode.INVALID_ROUTING: 503,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.TIMEOUT: 503,
+    ErrorCode.TAMPERED: 503,
+    ErrorCode.UNKNOWN_SESSION: 503,
+    ErrorCode.SEALED: 503,
+    ErrorCode.INTERNAL: 503,
+}
+
+KEYS_NOT_FOUND_MESSAGE: Final = "one or more keys specified are not found on KME"
+
+
+def etsi014_error(exc: KmstnError) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, Error body) for a failure on the northbound 014 API."""
+    status = ETSI014_STATUS[exc.code]
+    if exc.code is ErrorCode.INTERNAL:
+        message = "internal error"
+    elif exc.code is ErrorCode.KEY_NOT_FOUND:
+        message = KEYS_NOT_FOUND_MESSAGE  # ETSI 014 5.4, the exact text
+    else:
+        message = exc.public
+    return status, {"message": message}
+
+
+# -- ETSI GS QKD 020 ---------------------------------------------------------
+
+PROBLEM_BASE: Final = "https://qkd.etsi.org/gs020-interop-kms/"
+
+
+@dataclass(frozen=True, slots=True)
+class Etsi020Problem:
+    status: int
+    slug: str  # problem type, appended to PROBLEM_BASE
+    title: str
+    details_key: str
+
+
+# Default problem for each code; a KmstnError.reason refines it (below).
+_ETSI020_BY_CODE: Final[dict[ErrorCode, Etsi020Problem]] = {
+    ErrorCode.INVALID_ARGUMENT: Etsi020Problem(400, "missing-parameters", "bad request",
+                                               "missing_parameters"),
+    ErrorCode.SIZE_NOT_MULTIPLE_OF_8: Etsi020Problem(400, "missing-parameters", "bad request",
+                                                     "missing_parameters"),
+    ErrorCode.UNSUPPORTED_MANDATORY_EXTENSION: Etsi020Problem(
+        503, "unsupported-mandatory-extension", "unsupported mandatory extension",
+        "unsupported_mandatory_extension"),
+    ErrorCode.UNSATISFIED_MANDATORY_EXTENSION: Etsi020Problem(
+        503, "unsupported-mandatory-extension", "unsupported mandatory extension",
+        "unsupported_mandatory_extension"),
+    ErrorCode.UNKNOWN_SAE: Etsi020Problem(400, "key-routing-error", "key routing error",
+                                          "target_sae_id_not_recognized"),
+    ErrorCode.UNKNOWN_NODE: Etsi020Problem(400, "key-routing-error", "key routing error",
+                                           "target_sae_id_not_recognized"),
+    ErrorCode.INVALID_ROUTING: Etsi020Problem(400, "key-routing-error", "key routing error",
+                                              "invalid_routing"),
+    ErrorCode.KEY_NOT_FOUND: Etsi020Problem(400, "key-not-present", "key not present",
+                                            "key_not_present"),
+    ErrorCode.KEY_CONFLICT: Etsi020Problem(400, "key-id-conflict", "key ID conflict",
+                                           "key_id_conflict"),
+    # A sealed envelope that fails to open was kept nowhere (rule 6.2), so
+    # 400: the sender may resend with a fresh session.
+    ErrorCode.TAMPERED: Etsi020Problem(400, "envelope-rejected", "envelope rejected",
+                                       "envelope_rejected"),
+    ErrorCode.UNKNOWN_SESSION: Etsi020Problem(400, "envelope-rejected", "envelope rejected",
+                                              "unknown_session"),
+    ErrorCode.PERMISSION_DENIED: Etsi020Problem(401, "unauthorized", "unauthorized",
+                                                "unauthorized"),
+    ErrorCode.UNAUTHENTICATED: Etsi020Problem(401, "unauthorized", "unauthorized",
+                                              "unauthorized"),
+    ErrorCode.INSUFFICIENT_KEY: Etsi020Problem(503, "insufficient-key-material",
+                                               "insufficient key material",
+                                               "insufficient_key_material"),
+    ErrorCode.NO_ROUTE: Etsi020Problem(503, "key-routing-error", "key routing error",
+                                       "no_known_route"),
+    ErrorCode.TIMEOUT: Etsi020Problem(503, "server-side-general-error", "server-side error",
+                                      "timeout"),
+    ErrorCode.UNAVAILABLE: Etsi020Problem(503, "server-side-general-error", "server-side error",
+                                          "server_side_general_error"),
+    ErrorCode.SEALED: Etsi020Problem(503, "server-side-general-error", "server-side error",
+                                     "server_side_general_error"),
+    ErrorCode.INTERNAL: Etsi020Problem(503, "server-side-general-error", "server-side error",
+                                       "server_side_general_error"),
+}
+
+_ETSI020_BY_REASON: Final[dict[str, Etsi020Problem]] = {
+    "ack_not_understood": Etsi020Problem(400, "ack-not-understood", "ack not understood",
+                                         "ack_not_understood"),
+    "key_voiding_error": Etsi020Problem(400, "void-request-not-understood",
+                                        "void request not understood", "key_voiding_error"),
+    "no_all_confirmation": Etsi020Problem(400, "no-key-ids-or-confirmation",
+                                          "no key IDs or confirmation", "no_all_confirmation"),
+    "request_timeout": Etsi020Problem(408, "timeout", "timeout", "timeout"),
+    "no_route_multiple_targets": Etsi020Problem(503, "key-routing-error", "key routing error",
+                                                "no_route_multiple_targets"),
+    "synchronous_mode_unsupported": Etsi020Problem(400, "missing-parameters", "bad request",
+                                                   "missing_parameters"),
+}
+
+
+def etsi020_problem(exc: KmstnError) -> tuple[int, bytes]:
+    """(HTTP status, problem+json body) for a failure on the 020 API (RFC 9457)."""
+    problem = (_ETSI020_BY_REASON.get(exc.reason or "") or _ETSI020_BY_CODE[exc.code])
+    message = "internal error" if exc.code is ErrorCode.INTERNAL else exc.public
+    details = {problem.details_key: message}
+    if problem.details_key == "no_all_confirmation":
+        # The spec's prose and its example disagree on the key; send both.
+        details["no_key_ids_or_confirmation"] = message
+    body = {
+        "type": PROBLEM_BASE + problem.slug,
+        "status": problem.status,
+        "title": problem.title,
+        "details": details,
+    }
+    return problem.status, json.dumps(body, separators=(",", ":")).encode()
