@@ -124,6 +124,11 @@ class QkdSimSettings:
     outages: tuple[Outage, ...] = ()
     # Keys issued at one end and not fetched at the other are forgotten after this.
     issued_ttl_s: float = 600.0
+    # Shape k of the gamma-distributed time between key blocks: 1 gives
+    # exponential gaps (Poisson arrivals); larger k gives more regular blocks.
+    arrival_shape: float = 1.0
+    # Keys of key_size already in the store when the emulator starts.
+    initial_keys: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +253,9 @@ class KeyvaultSettings:
     key_file: Path | None = None
     key_ttl_s: int = 86_400
     tombstone_ttl_s: int = 30 * 86_400
+    # Optional secret (a file) that authorises the TPM to unseal the database
+    # key; with none, the sealed object has an empty auth value.
+    tpm_auth_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -549,6 +557,8 @@ def load_topology(path: str | Path) -> Topology:
             seed=seed,
             outages=tuple(outages),
             issued_ttl_s=s.number("issued_ttl_s", 600.0),
+            arrival_shape=s.number("arrival_shape", 1.0),
+            initial_keys=s.integer("initial_keys", 0, lo=0),
         )
         s.close()
         links.append(QkdLink(
@@ -686,6 +696,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
         key_file=key_file,
         key_ttl_s=k.integer("key_ttl_s", 86_400, lo=1),
         tombstone_ttl_s=k.integer("tombstone_ttl_s", 30 * 86_400, lo=1),
+        tpm_auth_file=k.path("tpm_auth_file", None, must_exist=True),
     )
     k.close()
 

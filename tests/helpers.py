@@ -26,10 +26,23 @@ from kme.pki import CertificateAuthority
 REPO = Path(__file__).resolve().parent.parent
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port free now and never handed out before in this test process.
+
+    The kernel may offer the same ephemeral port twice in a row once the probe
+    socket is closed; remembering what was handed out keeps one topology from
+    getting two listeners on one port.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def toml_value(value: Any) -> str:
@@ -81,18 +94,20 @@ class Pki:
     def __init__(self, directory: Path) -> None:
         self.ca = CertificateAuthority.create(directory / "ca", days=2)
         self.directory = directory
-        self._issued: dict[str, tuple[Path, Path]] = {}
+        self._issued: dict[tuple[str, tuple[str, ...]], tuple[Path, Path]] = {}
 
     @property
     def ca_path(self) -> Path:
         return self.ca.cert_path
 
     def issue(self, name: str, ips: Sequence[str] = ("127.0.0.1",)) -> tuple[Path, Path]:
-        if name not in self._issued:
-            issued = self.ca.issue(name, self.directory / "certs", ips=tuple(ips),
-                                   dns=("localhost",), days=2)
-            self._issued[name] = (issued.cert, issued.key)
-        return self._issued[name]
+        """A certificate for ``name`` valid for ``ips`` (cached per name and addresses)."""
+        key = (name, tuple(ips))
+        if key not in self._issued:
+            out = self.directory / "certs" / f"{len(self._issued)}"
+            issued = self.ca.issue(name, out, ips=tuple(ips), dns=("localhost",), days=2)
+            self._issued[key] = (issued.cert, issued.key)
+        return self._issued[key]
 
 
 class ServiceProcess:
