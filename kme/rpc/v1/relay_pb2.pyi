@@ -42,6 +42,10 @@ class _MessageTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MessageTy
     """POST /kmapi/v1/ext_keys/void"""
     MESSAGE_TYPE_ACK: _MessageType.ValueType  # 3
     """POST /kmapi/v1/ext_keys/ack"""
+    MESSAGE_TYPE_DEVICE_KEYS: _MessageType.ValueType  # 4
+    """kmstn-only (always sealed): keys a QKD neighbour took from the shared
+    device, POST /kmapi/v1/kmstn/device_keys.
+    """
 
 class MessageType(_MessageType, metaclass=_MessageTypeEnumTypeWrapper):
     """Which ETSI 020 endpoint a message is for; bound into the envelope."""
@@ -53,6 +57,10 @@ MESSAGE_TYPE_VOID: MessageType.ValueType  # 2
 """POST /kmapi/v1/ext_keys/void"""
 MESSAGE_TYPE_ACK: MessageType.ValueType  # 3
 """POST /kmapi/v1/ext_keys/ack"""
+MESSAGE_TYPE_DEVICE_KEYS: MessageType.ValueType  # 4
+"""kmstn-only (always sealed): keys a QKD neighbour took from the shared
+device, POST /kmapi/v1/kmstn/device_keys.
+"""
 Global___MessageType: _TypeAlias = MessageType  # noqa: Y015
 
 @_typing.final

@@ -1,0 +1,376 @@
+"""Sealing and opening hops in-process, and the gRPC servicers on top of them.
+
+In-process API (what ``Relay.Forward`` and the benchmark build on):
+
+* :class:`Sealer` -- ``seal(next_hop, message_type, body, hop) -> bytes``:
+  fresh ML-KEM-768 secret with the next hop (a one-time key from its pool,
+  or the explicit Encapsulated exchange), a QKD key on a QKD hop, AES-256-GCM
+  envelope. Every seal logs one ``sealed`` line naming the session (never a
+  secret): that log is the sender's record of used sessions.
+* :class:`Opener` -- ``open(peer, message_type, envelope) -> OpenResult``:
+  strict parse, binding checks (dst is us, src is the TLS-verified peer,
+  type is the endpoint's, alg is allowed on our links, sae is the sender's
+  device), one-time session, QKD key by ID, AES-GCM. Every failure is a
+  KmstnError; nothing is half done.
+* :class:`PeerPools` -- the sender's per-neighbour :class:`KeyPool` objects
+  and mTLS channels to the neighbours' RelayPeer services.
+
+gRPC servicers: :class:`RelayService` (``Relay.Seal``, ``Relay.Open``; the
+sending RPCs ``Forward``, ``DeliverAck`` and ``SendAck`` answer UNIMPLEMENTED
+until they are added) and :class:`RelayPeerService` (``PublicKeys``,
+``Encapsulated``; the caller is the subject CN of its verified client
+certificate and must be a kmstn neighbour).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import grpc
+
+from kme.acks import ack_to_proto, acks_from_proto
+from kme.config import NodeConfig
+from kme.errors import ErrorCode, KmstnError
+from kme.rpc.v1 import relay_pb2, relay_pb2_grpc
+from kme.types import NodeId
+from relay import envelope as env
+from relay import kem
+from relay.client import RelayPeerClient, peer_channel
+from relay.convert import HopKind, kind_to_proto, type_from_proto
+from relay.forward import Forwarder
+from relay.hopkey import DeviceDirectory, HopLinks, combine, fetch_qkd_key, take_qkd_key
+
+__all__ = [
+    "OpenResult",
+    "Opener",
+    "PeerPools",
+    "RelayPeerService",
+    "RelayService",
+    "Sealed",
+    "Sealer",
+]
+
+ExchangeMode = Literal["pipelined", "explicit"]
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    envelope: bytes
+    kind: HopKind
+    session: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class OpenResult:
+    body: bytes
+    hop: int
+    kind: HopKind
+    session: uuid.UUID
+    message_type: str
+
+
+class PeerPools:
+    """The sender's side of the KEM exchange with every neighbour, over mTLS.
+
+    Pools and channels are made on first use; refills run on one small
+    executor shared by all neighbours.
+    """
+
+    def __init__(self, config: NodeConfig, links: HopLinks,
+                 log: logging.Logger | None = None,
+                 client_factory: Callable[[NodeId], RelayPeerClient] | None = None) -> None:
+        self._config = config
+        self._links = links
+        self._log = log or logging.getLogger("kmstn.relay")
+        self._size = config.relay.kem_pool_size
+        self._timeout = config.relay.timeout_ms / 1000
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="relay-kem-refill")
+        self._lock = threading.Lock()
+        self._pools: dict[NodeId, kem.KeyPool] = {}
+        self._clients: dict[NodeId, RelayPeerClient] = {}
+        self._channels: list[grpc.Channel] = []
+        self._client_factory = client_factory or self._mtls_client
+
+    def _mtls_client(self, peer: NodeId) -> RelayPeerClient:
+        channel = peer_channel(self._config, peer)
+        self._channels.append(channel)
+        return RelayPeerClient(channel, self._timeout)
+
+    def client(self, peer: NodeId) -> RelayPeerClient:
+        with self._lock:
+            found = self._clients.get(peer)
+            if found is None:
+                found = self._clients[peer] = self._client_factory(peer)
+            return found
+
+    def pool(self, peer: NodeId) -> kem.KeyPool:
+        peer = self._links.require_neighbour(peer)
+        with self._lock:
+            found = self._pools.get(peer)
+            if found is None:
+                found = self._pools[peer] = kem.KeyPool(
+                    peer, lambda n: self.client(peer).public_keys(n), self._size,
+                    self._executor, log=self._log)
+            return found
+
+    def encapsulated(self, peer: NodeId, session: uuid.UUID, ciphertext: bytes) -> None:
+        self.client(peer).encapsulated(session, ciphertext)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            for channel in self._channels:
+                channel.close()
+            self._channels.clear()
+            self._clients.clear()
+            self._pools.clear()
+
+
+class Sealer:
+    """Seal ETSI 020 messages for neighbours (the sending half of a hop)."""
+
+    def __init__(self, links: HopLinks, pools: PeerPools | Callable[[NodeId], kem.KeyPool],
+                 devices: DeviceDirectory | None, log: logging.Logger | None = None,
+                 exchange: ExchangeMode = "pipelined",
+                 encapsulated: Callable[[NodeId, uuid.UUID, bytes], None] | None = None) -> None:
+        self._links = links
+        self._pool: Callable[[NodeId], kem.KeyPool]
+        if isinstance(pools, PeerPools):
+            self._pool = pools.pool
+            encapsulated = encapsulated or pools.encapsulated
+        else:
+            self._pool = pools
+        self._devices = devices
+        self._log = log or logging.getLogger("kmstn.relay")
+        if exchange == "explicit" and encapsulated is None:
+            raise ValueError("the explicit exchange needs an encapsulated() sender")
+        self._exchange = exchange
+        self._encapsulated = encapsulated
+
+    def seal(self, next_hop: str, message_type: str, body: bytes, hop: int) -> bytes:
+        """The envelope for ``body`` toward ``next_hop`` (what Relay.Forward POSTs)."""
+        return self.seal_detailed(next_hop, message_type, body, hop).envelope
+
+    def discard_keys(self, next_hop: str) -> None:
+        """Forget the one-time keys held for ``next_hop``.
+
+        Call this when the neighbour answers UNKNOWN_SESSION for a fresh
+        envelope: it has most likely restarted and forgotten every session it
+        handed out, so the rest of the pool would fail the same way.
+        """
+        self._pool(self._links.require_neighbour(next_hop)).clear()
+
+    def seal_detailed(self, next_hop: str, message_type: str, body: bytes, hop: int) -> Sealed:
+        if message_type not in env.MESSAGE_TYPES:
+            raise KmstnError(ErrorCode.INVALID_ARGUMENT, f"unknown message type {message_type!r}")
+        if not 1 <= hop <= env.MAX_HOP:
+            raise KmstnError(ErrorCode.INVALID_ARGUMENT, "hop must be at least 1")
+        if len(body) > env.MAX_ENVELOPE_BYTES // 2:
+            raise KmstnError(ErrorCode.INVALID_ARGUMENT, "message too large to relay")
+        peer = self._links.require_neighbour(next_hop)
+        # The one-time key is taken before the QKD key: losing a public key
+        # to a later failure costs nothing, losing a QKD key costs key rate.
+        one_time = self._pool(peer).take()
+        kem_secret, kem_ciphertext = kem.encapsulate(one_time.public_key)
+        carried: bytes | None = kem_ciphertext
+        if self._exchange == "explicit":
+            assert self._encapsulated is not None  # noqa: S101 - checked in __init__
+            self._encapsulated(peer, one_time.session, kem_ciphertext)
+            carried = None
+        qkd = take_qkd_key(self._links, self._devices, peer)
+        header = env.Header(
+            alg=env.ALG_QKD if qkd else env.ALG_PQC,
+            session=one_time.session,
+            src=self._links.node,
+            dst=peer,
+            hop=hop,
+            type=message_type,
+            kem_ciphertext=carried,
+            qkd_key_id=qkd.key.key_id if qkd else None,
+            sae=qkd.sae if qkd else None,
+        )
+        key = combine(kem_secret, qkd.key.material if qkd else None)
+        sealed = env.seal(header, key, body, os.urandom(env.IV_BYTES))
+        kind: HopKind = "qkd" if qkd else "pqc"
+        self._log.info("sealed", extra={
+            "peer": peer, "session": str(one_time.session), "kind": kind, "hop": hop,
+            "message_type": message_type, "exchange": self._exchange,
+            "qkd_key_id": str(qkd.key.key_id) if qkd else None})
+        return Sealed(sealed, kind, one_time.session)
+
+
+class Opener:
+    """Open envelopes from neighbours (the receiving half of a hop)."""
+
+    def __init__(self, links: HopLinks, sessions: kem.SessionStore,
+                 devices: DeviceDirectory | None, log: logging.Logger | None = None) -> None:
+        self._links = links
+        self._sessions = sessions
+        self._devices = devices
+        self._log = log or logging.getLogger("kmstn.relay")
+
+    def open(self, peer: str, message_type: str, envelope: bytes) -> OpenResult:
+        """The inner ETSI 020 message of ``envelope``, sent by ``peer`` to the
+        endpoint for ``message_type``; raises KmstnError on any failure."""
+        try:
+            return self._open(peer, message_type, envelope)
+        except KmstnError as exc:
+            self._log.warning("envelope rejected", extra={
+                "peer": peer, "message_type": message_type, "error_code": exc.code.name,
+                "error": exc.public})
+            raise
+
+    def _open(self, peer_name: str, message_type: str, data: bytes) -> OpenResult:
+        peer = self._links.require_neighbour(peer_name)
+        if message_type not in env.MESSAGE_TYPES:
+            raise KmstnError(ErrorCode.INVALID_ARGUMENT, f"unknown message type {message_type!r}")
+        sealed = env.parse(data)
+        h = sealed.header
+        me = self._links.node
+        # These checks read the header before it is authenticated; a match is
+        # confirmed by the AES-GCM tag below, a mismatch is refused at once.
+        if h.dst != me:
+            raise KmstnError(ErrorCode.TAMPERED, f"envelope is addressed to {h.dst}, not {me}",
+                             reason="wrong_destination")
+        if h.src != peer:
+            raise KmstnError(ErrorCode.TAMPERED,
+                             f"envelope claims source {h.src} but came from {peer}",
+                             reason="wrong_source")
+        if h.type != message_type:
+            raise KmstnError(ErrorCode.TAMPERED,
+                             f"envelope was sealed for {h.type}, received at {message_type}",
+                             reason="wrong_endpoint")
+        if h.is_qkd:
+            if self._links.qkd_link(peer) is None:
+                raise KmstnError(ErrorCode.TAMPERED,
+                                 f"{env.ALG_QKD} used but no QKD link joins {peer} and {me}",
+                                 reason="wrong_algorithm")
+            expected_sae = self._links.peer_device_sae(peer)
+            if h.sae != expected_sae:
+                raise KmstnError(ErrorCode.TAMPERED,
+                                 f"sae {h.sae!r} is not the QKD device of {peer}",
+                                 reason="wrong_sae")
+        elif not self._links.has_pqc(peer):
+            raise KmstnError(ErrorCode.TAMPERED,
+                             f"{env.ALG_PQC} used but no PQC link joins {peer} and {me}",
+                             reason="wrong_algorithm")
+        # From here on the session is spent, whatever happens next.
+        kem_secret = self._sessions.take(peer, h.session, h.kem_ciphertext)
+        qkd_key = None
+        if h.is_qkd:
+            assert h.qkd_key_id is not None  # noqa: S101 - Header guarantees it
+            qkd_key = fetch_qkd_key(self._links, self._devices, peer, h.qkd_key_id)
+        body = env.open_envelope(sealed, combine(kem_secret, qkd_key))
+        kind: HopKind = "qkd" if h.is_qkd else "pqc"
+        self._log.debug("opened", extra={"peer": peer, "session": str(h.session),
+                                         "kind": kind, "hop": h.hop})
+        return OpenResult(body, h.hop, kind, h.session, h.type)
+
+
+# --------------------------------------------------------------------------
+# gRPC servicers
+# --------------------------------------------------------------------------
+
+
+class RelayService(relay_pb2_grpc.RelayServicer):
+    """kme.rpc.v1.Relay: Seal and Open here; Forward, DeliverAck, SendAck via relay.forward."""
+
+    def __init__(self, sealer: Sealer, opener: Opener, forwarder: Forwarder) -> None:
+        self._sealer = sealer
+        self._opener = opener
+        self._forwarder = forwarder
+
+    def Forward(  # noqa: N802 - gRPC method name
+        self, request: relay_pb2.ForwardRequest, context: grpc.ServicerContext
+    ) -> relay_pb2.ForwardResponse:
+        timeout = request.timeout_ms / 1000 if request.timeout_ms else None
+        result = self._forwarder.forward(request.next_hop_node_id,
+                                         type_from_proto(request.message_type), request.body,
+                                         request.hop, timeout)
+        return relay_pb2.ForwardResponse(http_status=result.http_status, body=result.body,
+                                         acks=[ack_to_proto(a) for a in result.acks])
+
+    def DeliverAck(  # noqa: N802
+        self, request: relay_pb2.DeliverAckRequest, context: grpc.ServicerContext
+    ) -> relay_pb2.DeliverAckResponse:
+        unknown = self._forwarder.deliver_ack(request.peer_node_id,
+                                              acks_from_proto(request.acks))
+        return relay_pb2.DeliverAckResponse(unknown_key_ids=[str(k) for k in unknown])
+
+    def SendAck(  # noqa: N802
+        self, request: relay_pb2.SendAckRequest, context: grpc.ServicerContext
+    ) -> relay_pb2.SendAckResponse:
+        status = self._forwarder.send_ack(request.peer_node_id, request.callback_url,
+                                          acks_from_proto(request.acks))
+        return relay_pb2.SendAckResponse(http_status=status)
+
+    def Seal(  # noqa: N802 - gRPC method name
+        self, request: relay_pb2.SealRequest, context: grpc.ServicerContext
+    ) -> relay_pb2.SealResponse:
+        sealed = self._sealer.seal_detailed(request.next_hop_node_id,
+                                            type_from_proto(request.message_type),
+                                            request.body, request.hop)
+        return relay_pb2.SealResponse(envelope=sealed.envelope, kind=kind_to_proto(sealed.kind))
+
+    def Open(  # noqa: N802
+        self, request: relay_pb2.OpenRequest, context: grpc.ServicerContext
+    ) -> relay_pb2.OpenResponse:
+        result = self._opener.open(request.peer_node_id, type_from_proto(request.message_type),
+                                   request.envelope)
+        return relay_pb2.OpenResponse(body=result.body, hop=result.hop,
+                                      kind=kind_to_proto(result.kind))
+
+
+def caller_node(context: grpc.ServicerContext, links: HopLinks) -> NodeId:
+    """The neighbour calling us: the CN of its verified TLS client certificate."""
+    auth = context.auth_context()
+    names: object = auth.get("x509_common_name")
+    values = list(names) if isinstance(names, (list, tuple)) else []
+    if len(values) != 1 or not isinstance(values[0], bytes):
+        raise KmstnError(ErrorCode.UNAUTHENTICATED, "a verified client certificate is required")
+    name = values[0].decode("utf-8", "replace")
+    try:
+        return links.require_neighbour(name)
+    except KmstnError:
+        raise KmstnError(ErrorCode.PERMISSION_DENIED,
+                         "the caller is not a kmstn neighbour of this node",
+                         cause=f"client certificate CN {name!r}") from None
+
+
+class RelayPeerService(relay_pb2_grpc.RelayPeerServicer):
+    """kme.rpc.v1.RelayPeer: the receiver's side of the ML-KEM-768 exchange."""
+
+    def __init__(self, links: HopLinks, sessions: kem.SessionStore,
+                 log: logging.Logger | None = None) -> None:
+        self._links = links
+        self._sessions = sessions
+        self._log = log or logging.getLogger("kmstn.relay")
+
+    def PublicKeys(  # noqa: N802
+        self, request: relay_pb2.PublicKeysRequest, context: grpc.ServicerContext
+    ) -> relay_pb2.PublicKeysResponse:
+        peer = caller_node(context, self._links)
+        keys = self._sessions.issue(peer, request.count)
+        self._log.debug("issued one-time keys", extra={"peer": peer, "count": len(keys)})
+        return relay_pb2.PublicKeysResponse(keys=[
+            relay_pb2.OneTimePublicKey(session_id=str(k.session), public_key=k.public_key,
+                                       ttl_seconds=k.ttl_seconds)
+            for k in keys])
+
+    def Encapsulated(  # noqa: N802
+        self, request: relay_pb2.EncapsulatedRequest, context: grpc.ServicerContext
+    ) -> relay_pb2.EncapsulatedResponse:
+        peer = caller_node(context, self._links)
+        try:
+            session = uuid.UUID(request.session_id)
+        except ValueError:
+            raise KmstnError(ErrorCode.INVALID_ARGUMENT, "session_id must be a UUID") from None
+        self._sessions.exchange(peer, session, request.ciphertext)
+        return relay_pb2.EncapsulatedResponse()
