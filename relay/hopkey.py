@@ -34,6 +34,7 @@ from kme.types import Key, NodeId, SaeId, SecretBytes
 
 __all__ = [
     "FALLBACK_CODES",
+    "KEYLESS_TYPES",
     "QKD_KEY_BITS",
     "DeviceClient",
     "DeviceDirectory",
@@ -128,6 +129,14 @@ class HopLinks:
     def peer_device_sae(self, peer: NodeId) -> SaeId:
         link = self._qkd[peer]
         return link.peer_device_of(self._self).sae_id
+
+
+# Messages that carry no key material (their body holds key IDs and SAE IDs
+# at most) are sealed with ML-KEM alone on every link: a QKD key would add
+# nothing to what they need protected, and QKD key is the scarce resource of
+# a QKD link. The message type is bound into the envelope's associated data,
+# so an ext_keys can never pass as one of these.
+KEYLESS_TYPES = frozenset({"void", "ack", "device_keys"})
 
 
 def take_qkd_key(links: HopLinks, devices: DeviceDirectory | None,

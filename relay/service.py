@@ -45,7 +45,14 @@ from relay import kem
 from relay.client import RelayPeerClient, peer_channel
 from relay.convert import HopKind, kind_to_proto, type_from_proto
 from relay.forward import Forwarder
-from relay.hopkey import DeviceDirectory, HopLinks, combine, fetch_qkd_key, take_qkd_key
+from relay.hopkey import (
+    KEYLESS_TYPES,
+    DeviceDirectory,
+    HopLinks,
+    combine,
+    fetch_qkd_key,
+    take_qkd_key,
+)
 
 __all__ = [
     "OpenResult",
@@ -184,7 +191,8 @@ class Sealer:
             assert self._encapsulated is not None  # noqa: S101 - checked in __init__
             self._encapsulated(peer, one_time.session, kem_ciphertext)
             carried = None
-        qkd = take_qkd_key(self._links, self._devices, peer)
+        qkd = (None if message_type in KEYLESS_TYPES
+               else take_qkd_key(self._links, self._devices, peer))
         header = env.Header(
             alg=env.ALG_QKD if qkd else env.ALG_PQC,
             session=one_time.session,
@@ -257,7 +265,7 @@ class Opener:
                 raise KmstnError(ErrorCode.TAMPERED,
                                  f"sae {h.sae!r} is not the QKD device of {peer}",
                                  reason="wrong_sae")
-        elif not self._links.has_pqc(peer):
+        elif not self._links.has_pqc(peer) and h.type not in KEYLESS_TYPES:
             raise KmstnError(ErrorCode.TAMPERED,
                              f"{env.ALG_PQC} used but no PQC link joins {peer} and {me}",
                              reason="wrong_algorithm")

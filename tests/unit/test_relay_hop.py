@@ -181,14 +181,14 @@ def test_pqc_hop(fed: Federation) -> None:
 
 def test_qkd_hop_uses_qkd_xor_kem(fed: Federation) -> None:
     link = fed.qkd[frozenset("AB")]
-    sealed = fed.sealer(A).seal_detailed("B", "void", BODY, 3)
+    sealed = fed.sealer(A).seal_detailed("B", "ext_keys", BODY, 3)
     doc = json.loads(sealed.envelope)
     assert sealed.kind == "qkd" and doc["alg"] == env.ALG_QKD
     assert doc["sae"] == "A"  # the sender's device SAE ID (topology default)
     key_id = uuid.UUID(doc["qkd_key_id"])
     qkd_key = link.keys[key_id][1].material
     # The message key is the XOR: the KEM secret alone does not open it.
-    result = fed.nodes[B].opener.open("A", "void", sealed.envelope)
+    result = fed.nodes[B].opener.open("A", "ext_keys", sealed.envelope)
     assert (result.body, result.kind, result.hop) == (BODY, "qkd", 3)
     assert key_id not in link.keys  # fetched once by B's side
     assert len(qkd_key) == 32
@@ -220,15 +220,39 @@ def test_qkd_key_alone_or_kem_alone_does_not_open(fed: Federation) -> None:
 def test_qkd_and_pqc_pair_prefers_qkd_and_falls_back(fed: Federation) -> None:
     link = fed.qkd[frozenset("AD")]
     sealer = fed.sealer(A)
-    assert sealer.seal_detailed("D", "ack", BODY, 1).kind == "qkd"
+    assert sealer.seal_detailed("D", "ext_keys", BODY, 1).kind == "qkd"
     for code in (ErrorCode.UNAVAILABLE, ErrorCode.INSUFFICIENT_KEY, ErrorCode.TIMEOUT):
         link.fail = code
-        sealed = sealer.seal_detailed("D", "ack", BODY, 1)
+        sealed = sealer.seal_detailed("D", "ext_keys", BODY, 1)
         assert sealed.kind == "pqc"
-        assert fed.nodes[D].opener.open("A", "ack", sealed.envelope).kind == "pqc"
+        assert fed.nodes[D].opener.open("A", "ext_keys", sealed.envelope).kind == "pqc"
     # Other device errors are not a reason to drop QKD.
     link.fail = ErrorCode.PERMISSION_DENIED
-    assert _code(sealer.seal, "D", "ack", BODY, 1).code is ErrorCode.PERMISSION_DENIED
+    assert _code(sealer.seal, "D", "ext_keys", BODY, 1).code is ErrorCode.PERMISSION_DENIED
+
+
+@pytest.mark.parametrize("message_type", ["void", "ack", "device_keys"])
+def test_keyless_messages_spend_no_qkd_key(fed: Federation, message_type: str) -> None:
+    """Messages without key material are sealed with ML-KEM alone, even on a QKD-only link."""
+    link = fed.qkd[frozenset("AB")]
+    before = len(link.keys)
+    sealed = fed.sealer(A).seal_detailed("B", message_type, BODY, 1)
+    doc = json.loads(sealed.envelope)
+    assert sealed.kind == "pqc" and doc["alg"] == env.ALG_PQC and "qkd_key_id" not in doc
+    assert len(link.keys) == before  # no QKD key was taken
+    assert fed.nodes[B].opener.open("A", message_type, sealed.envelope).body == BODY
+
+
+def test_key_carrying_message_cannot_go_kem_only_over_a_qkd_only_link(fed: Federation) -> None:
+    """An ext_keys sealed with ML-KEM alone toward a QKD-only neighbour is refused."""
+    store = fed.nodes[B].sessions
+    (one_time,) = store.issue(A, 1)
+    kem_secret, ct = kem.encapsulate(kem.load_public_key(one_time.public_key))
+    header = env.Header(alg=env.ALG_PQC, session=one_time.session, src=A, dst=B, hop=1,
+                        type="ext_keys", kem_ciphertext=ct)
+    data = env.seal(header, kem_secret, BODY, os.urandom(12))
+    err = _code(fed.nodes[B].opener.open, "A", "ext_keys", data)
+    assert err.code is ErrorCode.TAMPERED and "no PQC link" in err.public
 
 
 def test_qkd_only_pair_never_falls_back(fed: Federation) -> None:
