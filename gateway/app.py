@@ -53,8 +53,10 @@ def create_app(api: Api, config: NodeConfig, flows: Flows) -> Flask:
         from gateway.etsi020.views import blueprint
 
         def render(exc: KmstnError) -> Response:
+            # RFC 9457 problem details, served as application/json: the ETSI
+            # 020 V1.1.1 checklist asks for that media type on every error.
             status, body = etsi020_problem(exc)
-            return json_response(None, status, "application/problem+json", raw=body)
+            return json_response(None, status, raw=body)
 
     app.register_blueprint(blueprint)
 

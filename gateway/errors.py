@@ -7,7 +7,8 @@ No other status is ever sent: an unexpected failure is a 503, never a 500.
 
 ETSI GS QKD 020 V1.1.1 (clause 5.5 of the spec note): errors are RFC 9457
 problem details ``{type, status, title, details}`` with ``details`` a map of
-strings, served as ``application/problem+json``; 400 / 401 / 408 / 503 only.
+strings, served as ``application/json`` (the ETSI 020 checklist's media
+type for errors); 400 / 401 / 408 / 503 only.
 
 Only public messages ever reach a response; a KmstnError's ``cause`` is for
 the private log, and INTERNAL errors answer with a fixed text.

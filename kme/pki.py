@@ -23,7 +23,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["CertificateAuthority", "Issued", "common_name_of"]
+from kme.config import Topology
+
+__all__ = ["CertificateAuthority", "Issued", "common_name_of", "issue_for_topology"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,3 +155,41 @@ def common_name_of(cert_der: bytes) -> str | None:
         return None
     value = names[0].value
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def issue_for_topology(ca: CertificateAuthority, topology: Topology, out_dir: Path,
+                       days: int = 365) -> dict[str, Issued]:
+    """Certificates for every KMSTN, device KME and SAE of a topology, by identity.
+
+    KMSTN: CN = node ID, SAN = its host. Device KME: CN = kme_id, SAN = the
+    device's host. SAE: CN = SAE ID (client only in practice). Existing files
+    are kept, so running this twice issues nothing new.
+    """
+    wanted: dict[str, tuple[str, ...]] = {}
+    for node in topology.kmstns.values():
+        wanted[node.id] = (node.host,)
+    for link in topology.qkd_links:
+        for end in (link.alice, link.bob):
+            if end is not None:
+                wanted[end.kme_id] = (end.host,)
+    for sae in topology.saes:
+        wanted.setdefault(sae, ())
+    issued = {}
+    for name, hosts in wanted.items():
+        stem = _safe_filename(name)
+        cert, key = out_dir / f"{stem}.pem", out_dir / f"{stem}.key"
+        if cert.exists() and key.exists():
+            issued[name] = Issued(cert, key)
+            continue
+        ips = tuple(h for h in hosts if _is_ip(h))
+        dns = tuple(h for h in hosts if not _is_ip(h))
+        issued[name] = ca.issue(name, out_dir, ips=ips, dns=dns, days=days)
+    return issued
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

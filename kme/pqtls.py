@@ -242,7 +242,7 @@ class PeerHttpClient:
     """
 
     def __init__(self, tls: TlsFiles, groups: tuple[str, ...] = CLIENT_GROUPS,
-                 max_idle: int = 8, idle_seconds: float = 20.0) -> None:
+                 max_idle: int = 8, idle_seconds: float = 10.0) -> None:
         self._ctx = client_context(tls, groups)
         self._pools: dict[tuple[str, int, str], deque[_Connection]] = {}
         self._lock = threading.Lock()

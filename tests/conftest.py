@@ -6,8 +6,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.helpers import Pki
+from tests.trio import Trio
+
+# Hypothesis' per-example deadline is a timed assertion: on a shared 2-core
+# machine it fails for load, not for bugs. Speed is measured by benchmarks.
+settings.register_profile("kmstn", deadline=None)
+settings.load_profile("kmstn")
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +29,17 @@ def short_tmp() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="km-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def trio() -> Iterator[Trio]:
+    """A real three-node federation plus a foreign KMS, started by the real launcher.
+
+    A =QKD= B --PQC-- C, and B --site-- F where F is a foreign KMS speaking
+    plain ETSI 020 (tests/foreign_kms.py, its own process). Every kmstn
+    service runs as its own process with real swtpm, SQLCipher and mTLS.
+    """
+    from tests.trio import start_trio
+
+    with start_trio() as federation:
+        yield federation

@@ -11,9 +11,9 @@ from typing import cast
 
 from flask import Blueprint, Response, current_app, request
 
+import kme.etsi014 as etsi014
 from gateway.app import json_response
 from gateway.auth import caller_identity
-from kme import etsi014
 from kme import log as kmelog
 from kme.flows import Flows
 from kme.types import sae_id

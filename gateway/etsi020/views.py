@@ -21,6 +21,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import ClientDisconnected
 
 from gateway.app import json_response
 from gateway.auth import TLS_GROUP_KEY, caller_identity
@@ -61,8 +62,10 @@ def _peer() -> tuple[Kmstn, bool]:
 def _body() -> bytes:
     try:
         return request.get_data(cache=False)
-    except (TimeoutError, OSError):
-        # ETSI 020 408: the request was not fully received in time.
+    except (TimeoutError, OSError, ClientDisconnected):
+        # ETSI 020 408: the request was not fully received in time. (Werkzeug
+        # reports the socket timeout as ClientDisconnected.) The 408 also
+        # closes the connection: the rest of the body is not coming.
         raise KmstnError(ErrorCode.TIMEOUT, "request body not received in time",
                          reason="request_timeout") from None
 

@@ -1,0 +1,397 @@
+"""Run a whole federation on one machine: the engine behind ``kmstn federation``.
+
+``up`` prepares a state directory and starts, for every KMSTN of the
+topology, its routing, keyvault (with its swtpm), relay and both gateway
+processes, each KMSTN on its own loopback address; and for every QKD link its
+emulated device pair (kme.qkdsim). It waits until every service answers its
+health check, then writes ``federation.json`` and returns, leaving the
+processes running in their own process groups. If anything fails to start,
+everything started so far is stopped and the error names the service, why,
+and its log file: there is never half a federation left behind.
+
+State directory::
+
+    pki/            throwaway CA and one certificate per KMSTN, device KME and SAE
+    topology.toml   the topology the federation runs
+    nodes/<id>/     node.toml and data/ (keyvault database, sealed key, swtpm state)
+    run/<id>/       the node's unix sockets (short paths)
+    sim/<link>.toml emulator configuration of each QKD link
+    logs/           one log per process (JSON lines)
+    pids.json       what is running, for status and down
+    federation.json the manifest: CA, ETSI 014/020 URLs, SAE certificates
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kme.config import NodeConfig, QkdLink, Topology, load_node_config, load_topology
+from kme.pki import CertificateAuthority, Issued, issue_for_topology
+
+__all__ = ["Federation", "FederationError", "ServiceSpec"]
+
+GRPC_SERVICES = ("routing", "keyvault", "relay")
+
+
+class FederationError(Exception):
+    """A federation could not be brought up; names the service, why, and its log."""
+
+    def __init__(self, service: str, reason: str, log: Path | None = None) -> None:
+        self.service, self.reason, self.log = service, reason, log
+        where = f" (log: {log})" if log else ""
+        super().__init__(f"{service}: {reason}{where}")
+
+
+@dataclass
+class ServiceSpec:
+    name: str
+    argv: list[str]
+    log: Path
+    healthy: Callable[[], bool]
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string is a JSON string
+    raise TypeError(type(value))
+
+
+def _write_toml(path: Path, top: dict[str, Any], tables: dict[str, dict[str, Any]]) -> Path:
+    lines = [f"{k} = {_toml(v)}" for k, v in top.items()]
+    for name, table in tables.items():
+        lines.append(f"\n[{name}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in table.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _grpc_healthy(target: str) -> bool:
+    try:
+        with grpc.insecure_channel(target) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                        timeout=1)
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
+def _https_healthy(host: str, port: int, ca: Path, cert: Issued, path: str = "/healthz",
+                   pq: bool = False, expected_peer: str = "") -> bool:
+    """GET a health path over mutual TLS; pq selects the X25519MLKEM768 client."""
+    try:
+        if pq:
+            from kme.config import TlsFiles
+            from kme.pqtls import PeerHttpClient
+
+            client = PeerHttpClient(TlsFiles(ca, cert.cert, cert.key))
+            try:
+                return client.request("GET", f"https://{host}:{port}{path}", expected_peer,
+                                      timeout=2).status == 200
+            finally:
+                client.close()
+        ctx = ssl.create_default_context(cafile=str(ca))
+        ctx.check_hostname = False
+        ctx.load_cert_chain(str(cert.cert), str(cert.key))
+        with socket.create_connection((host, port), timeout=2) as raw, \
+                ctx.wrap_socket(raw) as tls:
+            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                        .encode())
+            return tls.recv(64).startswith(b"HTTP/1.1 200")
+    except Exception:
+        return False
+
+
+class Federation:
+    def __init__(self, topology_path: Path, state_dir: Path, delivery: str = "confirmed",
+                 log_level: str = "info", qkd_rate_scale: float = 1.0) -> None:
+        self.state = state_dir.resolve()
+        self.source_topology = topology_path.resolve()
+        self.delivery = delivery
+        self.log_level = log_level
+        # Multiplies every emulated QKD link's key rate (1 = the topology's rates).
+        self.qkd_rate_scale = qkd_rate_scale
+
+    # -- paths ---------------------------------------------------------------------
+
+    @property
+    def topology_path(self) -> Path:
+        return self.state / "topology.toml"
+
+    @property
+    def pids_path(self) -> Path:
+        return self.state / "pids.json"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.state / "federation.json"
+
+    def node_file(self, node: str) -> Path:
+        return self.state / "nodes" / node / "node.toml"
+
+    # -- preparation -----------------------------------------------------------------
+
+    def prepare(self) -> tuple[Topology, dict[str, Issued], CertificateAuthority]:
+        self.state.mkdir(parents=True, exist_ok=True)
+        if self.source_topology != self.topology_path:
+            shutil.copyfile(self.source_topology, self.topology_path)
+        topology = load_topology(self.topology_path)
+        pki_dir = self.state / "pki"
+        ca = (CertificateAuthority.load(pki_dir) if (pki_dir / "ca.pem").exists()
+              else CertificateAuthority.create(pki_dir))
+        certs = issue_for_topology(ca, topology, pki_dir / "certs")
+        for node in topology.kmstns.values():
+            if node.kind != "kmstn":
+                continue
+            run = self.state / "run" / node.id
+            run.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _write_toml(self.node_file(node.id), {
+                "node": node.id,
+                "topology": self.topology_path,
+                "data_dir": self.state / "nodes" / node.id / "data",
+            }, {
+                "tls": {"ca": ca.cert_path, "cert": certs[node.id].cert,
+                        "key": certs[node.id].key},
+                "services": {s: f"unix:{run / (s + '.sock')}" for s in GRPC_SERVICES},
+                "log": {"level": self.log_level},
+                "gateway": {"delivery": self.delivery},
+                "keyvault": {"tpm": "swtpm"},
+            })
+        for link in topology.qkd_links:
+            self._write_sim_config(link, ca, certs)
+        return topology, certs, ca
+
+    def _write_sim_config(self, link: QkdLink, ca: CertificateAuthority,
+                          certs: dict[str, Issued]) -> Path:
+        from kme.qkdsim.config import write_sim_config
+
+        if link.alice is None or link.bob is None:
+            raise FederationError(link.id, "a QKD link needs both device endpoints")
+        return write_sim_config(
+            self.state / "sim" / f"{link.id}.toml", topology=self.topology_path, link=link.id,
+            ca=ca.cert_path, alice=certs[link.alice.kme_id], bob=certs[link.bob.kme_id],
+            log_level=self.log_level, rate_scale=self.qkd_rate_scale)
+
+    def services(self, topology: Topology, certs: dict[str, Issued],
+                 ca: CertificateAuthority) -> list[list[ServiceSpec]]:
+        """Start order in waves: devices; then routing, keyvault, relay; then gateways."""
+        from kme.qkdsim.config import sim_healthy
+
+        logs = self.state / "logs"
+        py = sys.executable
+        devices: list[ServiceSpec] = []
+        for link in topology.qkd_links:
+            sim_cfg = self.state / "sim" / f"{link.id}.toml"
+            devices.append(ServiceSpec(
+                f"{link.id}/qkdsim", [py, "-m", "kme.qkdsim", "--config", str(sim_cfg)],
+                logs / f"{link.id}-qkdsim.log",
+                functools.partial(sim_healthy, link, ca.cert_path, certs)))
+        core: list[ServiceSpec] = []
+        edge: list[ServiceSpec] = []
+        for node in topology.kmstns.values():
+            if node.kind != "kmstn":
+                continue
+            node_path = self.node_file(node.id)
+            cfg = load_node_config(node_path)
+            for svc in GRPC_SERVICES:
+                target = cfg.endpoint(svc).grpc_target  # type: ignore[arg-type]
+                core.append(ServiceSpec(
+                    f"{node.id}/{svc}", [py, "-m", svc, "--config", str(node_path)],
+                    logs / f"{node.id}-{svc}.log", functools.partial(_grpc_healthy, target)))
+            cert = certs[node.id]
+            edge.append(ServiceSpec(
+                f"{node.id}/gateway014",
+                [py, "-m", "gateway", "--api", "etsi014", "--config", str(node_path)],
+                logs / f"{node.id}-gateway014.log",
+                functools.partial(_https_healthy, node.host, node.etsi014_port, ca.cert_path,
+                                  cert)))
+            edge.append(ServiceSpec(
+                f"{node.id}/gateway020",
+                [py, "-m", "gateway", "--api", "etsi020", "--config", str(node_path)],
+                logs / f"{node.id}-gateway020.log",
+                functools.partial(_https_healthy, node.host, node.etsi020_port, ca.cert_path,
+                                  cert, pq=True, expected_peer=node.id)))
+        return [devices, core, edge]
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def _load_pids(self) -> dict[str, dict[str, Any]]:
+        if not self.pids_path.exists():
+            return {}
+        data: dict[str, dict[str, Any]] = json.loads(self.pids_path.read_text())
+        return data
+
+    def _save_pids(self, pids: dict[str, dict[str, Any]]) -> None:
+        tmp = self.pids_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(pids, indent=2))
+        tmp.replace(self.pids_path)
+
+    def up(self, timeout: float = 120.0, progress: Callable[[str], None] | None = None
+           ) -> dict[str, Any]:
+        """Start everything, wait until healthy, write and return the manifest."""
+        say = progress or (lambda _msg: None)
+        if any(_alive(p["pgid"]) for p in self._load_pids().values()):
+            raise FederationError("federation", f"already running in {self.state}; "
+                                  "run 'kmstn federation down' first")
+        topology, certs, ca = self.prepare()
+        pids: dict[str, dict[str, Any]] = {}
+        procs: dict[str, subprocess.Popen[bytes]] = {}
+        try:
+            for wave in self.services(topology, certs, ca):
+                for spec in wave:
+                    spec.log.parent.mkdir(parents=True, exist_ok=True)
+                    with spec.log.open("ab") as out:
+                        proc = subprocess.Popen(  # noqa: S603 - our own argv
+                            spec.argv, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=self.state,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                    procs[spec.name] = proc
+                    pids[spec.name] = {"pid": proc.pid, "pgid": proc.pid,
+                                       "log": str(spec.log), "argv": spec.argv}
+                self._save_pids(pids)
+                self._wait_healthy(wave, procs, timeout)
+                say(f"started {len(wave)} services: "
+                    + ", ".join(sorted({s.name.split('/')[1] for s in wave})))
+        except BaseException:
+            self._stop(pids)
+            self.pids_path.unlink(missing_ok=True)
+            raise
+        manifest = self._manifest(topology, certs, ca)
+        self.manifest_path.write_text(json.dumps(manifest, indent=2))
+        return manifest
+
+    def _wait_healthy(self, wave: Iterable[ServiceSpec],
+                      procs: dict[str, subprocess.Popen[bytes]], timeout: float) -> None:
+        pending = {s.name: s for s in wave}
+        deadline = time.monotonic() + timeout
+        while pending:
+            for name, spec in list(pending.items()):
+                code = procs[name].poll()
+                if code is not None:
+                    tail = _tail(spec.log)
+                    raise FederationError(name, f"exited with code {code}: {tail}", spec.log)
+                if spec.healthy():
+                    del pending[name]
+            if pending and time.monotonic() > deadline:
+                name, spec = next(iter(pending.items()))
+                raise FederationError(name, f"not healthy after {timeout:.0f} s: "
+                                      f"{_tail(spec.log)}", spec.log)
+            if pending:
+                time.sleep(0.1)
+
+    def _manifest(self, topology: Topology, certs: dict[str, Issued],
+                  ca: CertificateAuthority) -> dict[str, Any]:
+        return {
+            "name": topology.name,
+            "ca": str(ca.cert_path),
+            "topology": str(self.topology_path),
+            "kmstns": [{"id": k.id, "etsi014_url": k.etsi014_url, "etsi020_url": k.etsi020_url}
+                       for k in topology.kmstns.values() if k.kind == "kmstn"],
+            "saes": [{"id": s, "kmstn": n, "cert": str(certs[s].cert), "key": str(certs[s].key)}
+                     for s, n in topology.saes.items()],
+        }
+
+    def down(self, timeout: float = 20.0) -> list[str]:
+        """Stop everything this state directory started; return what would not stop."""
+        pids = self._load_pids()
+        left = self._stop(pids, timeout)
+        if not left:
+            self.pids_path.unlink(missing_ok=True)
+            self.manifest_path.unlink(missing_ok=True)
+        return left
+
+    def _stop(self, pids: dict[str, dict[str, Any]], timeout: float = 20.0) -> list[str]:
+        # Gateways first, devices last: the reverse of the start order.
+        order = list(reversed(list(pids.items())))
+        for _, info in order:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(info["pgid"], signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_alive(i["pgid"]) for _, i in order):
+            _reap()
+            time.sleep(0.1)
+        for _, info in order:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(info["pgid"], signal.SIGKILL)
+        time.sleep(0.2)
+        _reap()
+        return [name for name, info in order if _alive(info["pgid"])]
+
+    def status(self) -> dict[str, bool]:
+        """Service name -> whether its process group is alive."""
+        return {name: _alive(info["pgid"]) for name, info in self._load_pids().items()}
+
+    def configs(self) -> dict[str, NodeConfig]:
+        topology = load_topology(self.topology_path)
+        return {n: load_node_config(self.node_file(n)) for n, k in topology.kmstns.items()
+                if k.kind == "kmstn"}
+
+
+def _alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie group leader still "exists"; count only processes not yet reaped.
+    try:
+        with open(f"/proc/{pgid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+        if state == "Z":
+            _reap()
+            return _group_has_live_members(pgid)
+    except FileNotFoundError:
+        return _group_has_live_members(pgid)
+    return True
+
+
+def _group_has_live_members(pgid: int) -> bool:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _reap() -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(text[-lines:]) if text else "(empty log)"
