@@ -308,6 +308,13 @@ class KeyPool:
     them (a margin of a tenth of the TTL, at most 30 s), and session IDs the
     neighbour hands out twice are dropped, so that no session can be named by
     two of our envelopes. Thread-safe.
+
+    Fetches are single-flight and fill the pool only up to its size: when
+    many senders found the pool empty at once, each used to fetch a full
+    pool, the neighbour issued more sessions than it keeps per peer, evicted
+    its oldest ones (the very ones we use first), and every retry fetched
+    again. Now callers that find the pool empty wait for the one fetch in
+    progress.
     """
 
     def __init__(self, peer: NodeId, fetch: FetchFn, size: int, executor: Executor | None,
@@ -323,6 +330,7 @@ class KeyPool:
         self._clock = clock
         self._log = log or logging.getLogger("kmstn.relay.kem")
         self._lock = threading.Lock()
+        self._fetch_lock = threading.Lock()  # one fetch at a time, never held with _lock
         self._state = _PoolState()
         # Session IDs we have ever been given, with when we may forget them.
         self._seen: collections.OrderedDict[uuid.UUID, float] = collections.OrderedDict()
@@ -352,11 +360,17 @@ class KeyPool:
                          f"no usable one-time KEM keys from neighbour {self.peer}")
 
     def refill(self, count: int | None = None) -> int:
-        """Fetch keys from the neighbour now; return how many were added."""
-        wanted = count if count is not None else self._size - len(self)
-        if wanted <= 0:
-            return 0
-        fetched = self._fetch(min(wanted, MAX_KEYS_PER_REQUEST))
+        """Fetch keys from the neighbour now, up to the pool size (at most ``count``);
+        return how many were added. Concurrent callers wait for one another."""
+        with self._fetch_lock:
+            wanted = self._size - len(self)
+            if count is not None:
+                wanted = min(wanted, count)
+            if wanted <= 0:
+                return 0
+            return self._add(self._fetch(min(wanted, MAX_KEYS_PER_REQUEST)))
+
+    def _add(self, fetched: Sequence[OneTimeKey]) -> int:
         now = self._clock()
         parsed: list[PoolKey] = []
         for offered in fetched:

@@ -198,6 +198,39 @@ def test_pool_hands_each_key_out_once_and_refills() -> None:
         assert receiver.store.take(A, k.session, ct) == secret
 
 
+def test_pool_does_not_over_fetch_when_many_senders_find_it_empty() -> None:
+    """Concurrent takers of an empty pool share one fetch at a time, so the neighbour is
+    never asked for more sessions than the pool holds plus what was used."""
+    receiver = Receiver(kem.SessionStore(300, max_per_peer=64))
+    gate = threading.Barrier(24)
+    slow_fetch = threading.Event()
+
+    def fetch(count: int) -> Sequence[kem.OneTimeKey]:
+        slow_fetch.wait(0.05)  # a fetch takes a while: others pile up behind it
+        return receiver(count)
+
+    pool = kem.KeyPool(B, fetch, size=8, executor=None)
+    taken: list[kem.PoolKey] = []
+    lock = threading.Lock()
+
+    def sender() -> None:
+        gate.wait()
+        for _ in range(4):
+            key = pool.take()
+            _, ct = kem.encapsulate(key.public_key)
+            receiver.store.take(A, key.session, ct)  # raises if the receiver forgot it
+            with lock:
+                taken.append(key)
+
+    threads = [threading.Thread(target=sender) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({k.session for k in taken}) == len(taken) == 96
+    assert sum(receiver.calls) <= len(taken) + 8
+
+
 def test_pool_background_refill_below_low_water() -> None:
     receiver = Receiver(kem.SessionStore(300))
     with ThreadPoolExecutor(1) as executor:
