@@ -12,8 +12,7 @@ test: deps venv lint type protos
 	$(BIN)/pytest
 
 demo: deps venv
-	@echo "kmstn demo: not yet. The federation launcher (kmstn federation up) is a later step;"
-	@echo "until it lands, 'make test' runs every service that exists for real."
+	$(BIN)/python -m kme.demo --topology examples/testbed.toml --state state/demo
 
 deps:
 	@./deploy/debian-deps.sh
@@ -31,7 +30,7 @@ lint: venv
 	$(BIN)/ruff check .
 
 type: venv
-	$(BIN)/mypy kme routing
+	$(BIN)/mypy kme routing keyvault relay gateway
 
 protos: venv
 	$(BIN)/python protos/generate.py --check
@@ -42,8 +41,14 @@ unit: venv
 integration: deps venv
 	$(BIN)/pytest -m integration
 
-bench: venv
+# Component benchmarks (each prints its own numbers); `kmstn bench` measures a
+# running federation (see README).
+bench: deps venv
 	$(BIN)/python -m routing.bench
+	$(BIN)/python -m kme.qkdsim.bench --quick
+	$(BIN)/python -m keyvault.bench
+	$(BIN)/python -m relay.bench
+	$(BIN)/python -m gateway.bench
 
 clean:
 	rm -rf $(VENV) .tox .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Install the Debian packages kmstn needs, only if some are missing (idempotent).
 #   libtss2-dev + pkg-config: to build tpm2-pytss;  swtpm + swtpm-tools: the
-#   emulated TPM used when no hardware TPM is present (labs, CI, the demo).
+#   emulated TPM used when no hardware TPM is present (labs, CI, the demo);
+#   util-linux: setpriv, which ties swtpm's life to the keyvault's;
+#   systemd: systemd-analyze, which the tests use to verify deploy/systemd units.
 set -euo pipefail
-packages=(libtss2-dev pkg-config swtpm swtpm-tools)
+packages=(libtss2-dev pkg-config swtpm swtpm-tools util-linux systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

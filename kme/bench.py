@@ -1,0 +1,489 @@
+"""``kmstn bench``: measure a running federation the way the paper did (section VI).
+
+    kmstn bench keyrate     --state DIR [--pairs SAE1:SAE8,...] [--requests 100]
+    kmstn bench delay       --state DIR [--pairs ...] [--requests 100]
+    kmstn bench concurrency --state DIR [--pairs SAE1:SAE2] [--requests 100] [--rounds 5]
+    kmstn bench resources   --state DIR [--requests 30]
+    kmstn bench all         --state DIR
+
+Every command prints a table and writes ``<name>.csv`` and ``<name>.json``
+under ``--out`` (default ``DIR/bench``). All SAE traffic is real ETSI 014
+over mutual TLS with keep-alive, through the federation's own gateways.
+
+keyrate (Table III): per ordered pair, back-to-back ``enc_keys`` of one
+256-bit key; a 503 (too little key yet) is retried after 20 ms and counts in
+that request's time. Each request's rate is bits / its latency; the table
+gives their mean and standard deviation, the overall delivered rate (bits /
+wall time) and the rate the QKD links on the path allow (see
+:func:`qkd_cost`). Before each pair every emulated device pool is drained
+(as the KMSTN at its end), so the figure is the steady-state rate, not the
+key that piled up while the federation idled.
+
+delay (Table IV): latency of ``enc_keys`` at the master; enc-to-available:
+from the start of ``enc_keys`` until the slave's ``dec_keys`` (called as
+soon as the master has the key ID, retried on 400) returns the key. Jitter
+is the absolute difference of consecutive latencies; "roll std" is the
+standard deviation over a sliding window of 4 requests.
+
+concurrency (Fig. 7): ``--requests`` simultaneous enc_keys at one KMSTN
+(one connection each), ``--rounds`` times; failures (non-200) and the
+latency spread per round.
+
+resources: CPU seconds (user+system, all processes of each service's group)
+spent during a delay run, and peak resident memory sampled every 100 ms.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kme.config import Topology, load_topology
+from kme.saeclient import SaeClient
+from kme.types import NodeId
+
+__all__ = ["allowed_rate", "drain_devices", "qkd_cost", "run_bench"]
+
+KEY_BITS = 256
+HOP_KEY_BITS = 256
+
+
+# -- model: what a delivered key costs in QKD key ---------------------------------------
+
+
+def qkd_cost(topology: Topology, master_node: str, slave_node: str,
+             key_bits: int = KEY_BITS, keys_per_message: int = 1) -> dict[str, float]:
+    """QKD bits consumed on each QKD link per delivered key bit, for one key request.
+
+    Mirrors kme.flows: the key itself comes from the master node's device (the
+    link toward a QKD neighbour slave, else the first hop's link, else the
+    node's first QKD link); a slave on that QKD neighbour needs nothing more
+    (the device-keys notice is sealed with ML-KEM alone); otherwise every QKD
+    hop of the route spends one 256-bit QKD key per message, shared by the
+    ``keys_per_message`` keys it carries.
+    """
+    from routing.graph import RoutingTable
+
+    src, dst = NodeId(master_node), NodeId(slave_node)
+    qkd_of = {frozenset((lk.a, lk.b)): lk for lk in topology.qkd_links}
+    mine = [lk for lk in topology.qkd_links if src in (lk.a, lk.b)]
+    cost: dict[str, float] = {}
+    if src == dst:
+        source = mine[0] if mine else None
+        if source:
+            cost[source.id] = 1.0
+        return cost
+    route = RoutingTable(topology, src).route_to_node(dst)
+    direct = qkd_of.get(frozenset((src, dst)))
+    if direct is not None and route.hops and route.hops[0].link_id == direct.id:
+        cost[direct.id] = 1.0
+        return cost
+    first = qkd_of.get(frozenset((src, route.hops[0].to_node)))
+    source = first or (mine[0] if mine else None)
+    if source is not None:
+        cost[source.id] = cost.get(source.id, 0.0) + 1.0
+    for hop in route.hops:
+        if hop.kind == "qkd":
+            share = HOP_KEY_BITS / (key_bits * keys_per_message)
+            cost[hop.link_id] = cost.get(hop.link_id, 0.0) + share
+    return cost
+
+
+def allowed_rate(topology: Topology, master_node: str, slave_node: str,
+                 rate_scale: float = 1.0) -> float:
+    """Delivered key bits/s the QKD links on the path allow (inf if none limits)."""
+    links = {lk.id: lk for lk in topology.qkd_links}
+    limits = [links[lid].secret_key_rate * links[lid].sim.rate_multiplier * rate_scale / c
+              for lid, c in qkd_cost(topology, master_node, slave_node).items() if c > 0]
+    return min(limits) if limits else float("inf")
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def _rolling_std(values: Sequence[float], window: int = 4) -> list[float]:
+    return [statistics.pstdev(values[i - window:i]) for i in range(window, len(values) + 1)]
+
+
+@dataclass
+class Ctx:
+    state: Path
+    manifest: dict[str, Any]
+    topology: Topology
+    out: Path
+    args: Any
+    rate_scale: float
+
+    def sae_node(self, sae: str) -> str:
+        return str(next(s["kmstn"] for s in self.manifest["saes"] if s["id"] == sae))
+
+    def client(self, sae: str) -> SaeClient:
+        return SaeClient.from_manifest(self.manifest, sae)
+
+
+def _write(ctx: Ctx, name: str, rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    (ctx.out / f"{name}.json").write_text(json.dumps({"rows": rows, **extra}, indent=2))
+    if rows:
+        with (ctx.out / f"{name}.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (key, header, format spec)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([format(r[k], f) if isinstance(r[k], (int, float)) else str(r[k])
+                      for k, _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _first_sae(ctx: Ctx, node: str) -> str:
+    return str(next(s["id"] for s in ctx.manifest["saes"] if s["kmstn"] == node))
+
+
+def _pairs(ctx: Ctx, default: Callable[[], list[tuple[str, str]]]) -> list[tuple[str, str]]:
+    if ctx.args.pairs:
+        pairs = [p.split(":", 1) for p in ctx.args.pairs.split(",")]
+        return [(a, b) for a, b in pairs]
+    return default()
+
+
+def _all_pairs(ctx: Ctx) -> list[tuple[str, str]]:
+    nodes = [k["id"] for k in ctx.manifest["kmstns"]]
+    return [(_first_sae(ctx, a), _first_sae(ctx, b)) for a in nodes for b in nodes if a != b]
+
+
+def _delay_pairs(ctx: Ctx) -> list[tuple[str, str]]:
+    """Each KMSTN as master toward its QKD neighbour (else the next node), plus the ends."""
+    nodes = [k["id"] for k in ctx.manifest["kmstns"]]
+    pairs = []
+    for node in nodes:
+        peer = next((lk.other(NodeId(node)) for lk in ctx.topology.qkd_links
+                     if node in (lk.a, lk.b)), None)
+        peer = peer or nodes[(nodes.index(node) + 1) % len(nodes)]
+        pairs.append((_first_sae(ctx, node), _first_sae(ctx, peer)))
+    pairs.append((_first_sae(ctx, nodes[0]), _first_sae(ctx, nodes[-1])))
+    return pairs
+
+
+def route_summary(ctx: Ctx, master: str, slave: str) -> tuple[int, str]:
+    from routing.graph import RoutingTable
+
+    src, dst = ctx.sae_node(master), ctx.sae_node(slave)
+    route = RoutingTable(ctx.topology, NodeId(src)).route_to_node(dst)
+    return len(route.hops), "-".join(h.kind for h in route.hops) or "local"
+
+
+# -- device pools --------------------------------------------------------------------------
+
+
+def drain_devices(ctx: Ctx) -> int:
+    """Empty every emulated device pool (as the KMSTN at end a), so rates start from zero."""
+    from kme.config import load_node_config
+    from kme.errors import KmstnError
+    from kme.qkd import QkdDeviceClient
+
+    drained = 0
+    for link in ctx.topology.qkd_links:
+        cfg = load_node_config(ctx.state / "nodes" / link.a / "node.toml")
+        client = QkdDeviceClient(link, link.a, cfg.qkd_devices[link.id])
+        try:
+            while True:
+                try:
+                    drained += len(client.enc_keys(link.max_key_per_request, link.key_size))
+                except KmstnError:
+                    break  # 503: empty
+        finally:
+            client.close()
+    return drained
+
+
+def _request_until_served(client: SaeClient, slave: str, size: int,
+                          deadline: float) -> tuple[float, int, Any]:
+    """enc_keys, retrying 503 every 20 ms; (latency, retries, body)."""
+    t0 = time.perf_counter()
+    retries = 0
+    while True:
+        status, body = client.enc_keys(slave, 1, size)
+        if status == 200:
+            return time.perf_counter() - t0, retries, body
+        if status != 503 or time.monotonic() > deadline:
+            raise RuntimeError(f"enc_keys {client.sae_id}->{slave}: {status} {body}")
+        retries += 1
+        time.sleep(0.02)
+
+
+# -- benchmarks -----------------------------------------------------------------------------
+
+
+def bench_keyrate(ctx: Ctx) -> list[dict[str, Any]]:
+    rows = []
+    for master, slave in _pairs(ctx, lambda: _all_pairs(ctx)):
+        client = ctx.client(master)
+        drain_devices(ctx)
+        rates, lat = [], []
+        deadline = time.monotonic() + 3600
+        start = time.perf_counter()
+        for _ in range(ctx.args.requests):
+            latency, _, _ = _request_until_served(client, slave, KEY_BITS, deadline)
+            rates.append(KEY_BITS / latency)
+            lat.append(latency)
+        wall = time.perf_counter() - start
+        hops, kinds = route_summary(ctx, master, slave)
+        allowed = allowed_rate(ctx.topology, ctx.sae_node(master), ctx.sae_node(slave),
+                               ctx.rate_scale)
+        delivered = KEY_BITS * len(rates) / wall
+        cost = qkd_cost(ctx.topology, ctx.sae_node(master), ctx.sae_node(slave))
+        rows.append({
+            "pair": f"{master}->{slave}", "hops": hops, "path": kinds,
+            "rate_mean_bps": statistics.fmean(rates), "rate_std_bps": statistics.pstdev(rates),
+            "delivered_bps": delivered, "allowed_bps": allowed,
+            "ratio": delivered / allowed if allowed != float("inf") else float("nan"),
+            "qkd_bits_per_key_bit": " ".join(f"{k}:{v:g}" for k, v in cost.items()),
+        })
+        client.close()
+        print(_table(rows[-1:], KEYRATE_COLUMNS).splitlines()[-1], flush=True)
+    return rows
+
+
+KEYRATE_COLUMNS = [("pair", "pair", ""), ("hops", "hops", "d"), ("path", "links", ""),
+                   ("rate_mean_bps", "mean b/s", ".1f"), ("rate_std_bps", "std b/s", ".1f"),
+                   ("delivered_bps", "delivered b/s", ".1f"),
+                   ("allowed_bps", "QKD allows b/s", ".1f"), ("ratio", "ratio", ".3f"),
+                   ("qkd_bits_per_key_bit", "QKD bits per key bit", "")]
+
+
+def _delay_stats(values_ms: list[float]) -> dict[str, float]:
+    jitter = [abs(b - a) for a, b in itertools.pairwise(values_ms)]
+    roll = _rolling_std(values_ms)
+    return {
+        "latency_median_ms": statistics.median(values_ms),
+        "latency_p95_ms": _pct(values_ms, 95),
+        "jitter_median_ms": statistics.median(jitter) if jitter else float("nan"),
+        "jitter_p95_ms": _pct(jitter, 95),
+        "roll_std_p95_ms": _pct(roll, 95),
+    }
+
+
+def bench_delay(ctx: Ctx, requests: int | None = None) -> list[dict[str, Any]]:
+    rows = []
+    n = requests or ctx.args.requests
+    for master, slave in _pairs(ctx, lambda: _delay_pairs(ctx)):
+        m, s = ctx.client(master), ctx.client(slave)
+        enc, avail = [], []
+        deadline = time.monotonic() + 600
+        for _ in range(n):
+            t0 = time.perf_counter()
+            latency, _, body = _request_until_served(m, slave, KEY_BITS, deadline)
+            enc.append(latency * 1000)
+            key_id = body["keys"][0]["key_ID"]
+            while True:
+                status, got = s.dec_keys(master, [key_id])
+                if status == 200:
+                    break
+                if status != 400 or time.monotonic() > deadline:
+                    raise RuntimeError(f"dec_keys {slave}: {status} {got}")
+                time.sleep(0.001)
+            avail.append((time.perf_counter() - t0) * 1000)
+        hops, kinds = route_summary(ctx, master, slave)
+        for what, values in (("enc_keys", enc), ("enc-to-available", avail)):
+            rows.append({"pair": f"{master}->{slave}", "hops": hops, "path": kinds,
+                         "measure": what, "requests": n, **_delay_stats(values)})
+        m.close()
+        s.close()
+    return rows
+
+
+DELAY_COLUMNS = [("pair", "pair", ""), ("hops", "hops", "d"), ("measure", "measure", ""),
+                 ("latency_median_ms", "latency p50 ms", ".2f"),
+                 ("latency_p95_ms", "p95 ms", ".2f"),
+                 ("jitter_median_ms", "jitter p50 ms", ".2f"),
+                 ("jitter_p95_ms", "jitter p95 ms", ".2f"),
+                 ("roll_std_p95_ms", "roll std p95 ms", ".2f")]
+
+
+def bench_concurrency(ctx: Ctx) -> list[dict[str, Any]]:
+    pairs = _pairs(ctx, lambda: [(_first_sae(ctx, ctx.manifest["kmstns"][0]["id"]),
+                                  _first_sae(ctx, ctx.manifest["kmstns"][1]["id"]))])
+    master, slave = pairs[0]
+    n = ctx.args.requests
+    clients = [ctx.client(master) for _ in range(n)]
+    for c in clients:  # open every connection before the burst
+        c.status(slave)
+    rows = []
+    for round_no in range(1, ctx.args.rounds + 1):
+        barrier = threading.Barrier(n)
+        results: list[tuple[int, float]] = [(0, 0.0)] * n
+
+        def one(i: int, barrier: threading.Barrier,
+                results: list[tuple[int, float]]) -> None:
+            barrier.wait()
+            t0 = time.perf_counter()
+            status, _ = clients[i].enc_keys(slave, 1, KEY_BITS)
+            results[i] = (status, (time.perf_counter() - t0) * 1000)
+
+        threads = [threading.Thread(target=one, args=(i, barrier, results)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        lat = [ms for _, ms in results]
+        failed = sum(1 for status, _ in results if status != 200)
+        rows.append({"round": round_no, "pair": f"{master}->{slave}", "requests": n,
+                     "failed": failed, "failed_fraction": failed / n,
+                     "latency_min_ms": min(lat), "latency_median_ms": statistics.median(lat),
+                     "latency_p95_ms": _pct(lat, 95), "latency_max_ms": max(lat)})
+        time.sleep(0.5)
+    for c in clients:
+        c.close()
+    return rows
+
+
+CONCURRENCY_COLUMNS = [("round", "round", "d"), ("pair", "pair", ""),
+                       ("requests", "requests", "d"), ("failed", "failed", "d"),
+                       ("latency_min_ms", "min ms", ".1f"),
+                       ("latency_median_ms", "p50 ms", ".1f"),
+                       ("latency_p95_ms", "p95 ms", ".1f"), ("latency_max_ms", "max ms", ".1f")]
+
+
+def _group_pids(pgid: int) -> list[int]:
+    import os
+
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            pids.append(int(entry))
+    return pids
+
+
+def _cpu_seconds(pid: int) -> float:
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def bench_resources(ctx: Ctx) -> list[dict[str, Any]]:
+    pids = json.loads((ctx.state / "pids.json").read_text())
+    groups = {name: info["pgid"] for name, info in pids.items()}
+    members = {name: _group_pids(pgid) for name, pgid in groups.items()}
+    cpu0 = {name: sum(_cpu_seconds(p) for p in ps) for name, ps in members.items()}
+    peak = dict.fromkeys(groups, 0)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for name, pgid in groups.items():
+                rss = sum(_rss_kib(p) for p in _group_pids(pgid))
+                peak[name] = max(peak[name], rss)
+            stop.wait(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    bench_delay(ctx, requests=ctx.args.requests if ctx.args.requests != 100 else 30)
+    wall = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    rows = []
+    for name, pgid in groups.items():
+        cpu1 = sum(_cpu_seconds(p) for p in _group_pids(pgid))
+        rows.append({"service": name, "processes": len(_group_pids(pgid)),
+                     "cpu_s": max(0.0, cpu1 - cpu0[name]), "cpu_pct": 100 * max(
+                         0.0, cpu1 - cpu0[name]) / wall, "peak_rss_mib": peak[name] / 1024})
+    rows.append({"service": "TOTAL", "processes": sum(r["processes"] for r in rows),
+                 "cpu_s": sum(r["cpu_s"] for r in rows),
+                 "cpu_pct": sum(r["cpu_pct"] for r in rows),
+                 "peak_rss_mib": sum(r["peak_rss_mib"] for r in rows)})
+    print(f"(workload: delay benchmark, {wall:.1f} s wall)")
+    return rows
+
+
+RESOURCE_COLUMNS = [("service", "service", ""), ("processes", "procs", "d"),
+                    ("cpu_s", "CPU s", ".2f"), ("cpu_pct", "CPU %", ".1f"),
+                    ("peak_rss_mib", "peak RSS MiB", ".1f")]
+
+
+def run_bench(kind: str, state: Path, args: Any) -> int:
+    manifest_path = state / "federation.json"
+    if not manifest_path.exists():
+        print(f"no running federation in {state} (run 'kmstn federation up' first)")
+        return 1
+    manifest = json.loads(manifest_path.read_text())
+    topology = load_topology(manifest["topology"])
+    scale = _rate_scale(state, topology)
+    ctx = Ctx(state, manifest, topology, Path(args.out) if args.out else state / "bench", args,
+              scale)
+    kinds = ["keyrate", "delay", "concurrency", "resources"] if kind == "all" else [kind]
+    runners: dict[str, tuple[Callable[[Ctx], list[dict[str, Any]]], list[tuple[str, str, str]]]]
+    runners = {"keyrate": (bench_keyrate, KEYRATE_COLUMNS),
+               "delay": (bench_delay, DELAY_COLUMNS),
+               "concurrency": (bench_concurrency, CONCURRENCY_COLUMNS),
+               "resources": (bench_resources, RESOURCE_COLUMNS)}
+    for name in kinds:
+        fn, columns = runners[name]
+        print(f"\n== {name} ({manifest['name']}, QKD rate scale {scale:g}) ==", flush=True)
+        rows = fn(ctx)
+        print(_table(rows, columns))
+        _write(ctx, name, rows, {"federation": manifest["name"], "qkd_rate_scale": scale,
+                                 "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        print(f"(written: {ctx.out / (name + '.csv')}, {ctx.out / (name + '.json')})")
+    return 0
+
+
+def _rate_scale(state: Path, topology: Topology) -> float:
+    """The emulator rate scale the federation runs with (from its sim files)."""
+    import tomllib
+
+    for link in topology.qkd_links:
+        path = state / "sim" / f"{link.id}.toml"
+        if path.exists():
+            with path.open("rb") as fh:
+                return float(tomllib.load(fh).get("rate_scale", 1.0))
+    return 1.0
+
+

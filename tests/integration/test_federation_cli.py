@@ -1,0 +1,151 @@
+"""Issue 7 acceptance: the real launcher, over the `kmstn` command line.
+
+federation up / keys over 3 hops / status / down, and nothing left running;
+a failed start names the service and its log and leaves nothing behind;
+the systemd units verify.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.federation import FederationFiles
+from tests.helpers import REPO, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def _line(root: Path, first_host: int) -> Path:
+    """A line of four KMSTNs: W =QKD= X --PQC-- Y =QKD= Z (3 hops from W to Z)."""
+    files = FederationFiles(root, pki=None)  # type: ignore[arg-type]
+    for i, node in enumerate("WXYZ"):
+        files.kmstn(node, f"127.0.0.{first_host + i}")
+    files.qkd("W", "X", rate=1_000_000.0, block_size=8192, sim={"initial_keys": 500})
+    files.pqc("X", "Y")
+    files.qkd("Y", "Z", rate=1_000_000.0, block_size=8192, sim={"initial_keys": 500})
+    for node in "WXYZ":
+        files.sae(f"sae-{node.lower()}", node)
+    return files.write()
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmd and "pytest" not in cmd:
+            found.append(f"{pid}: {cmd[:120]}")
+    return found
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    path = Path(os.path.realpath(tempfile.mkdtemp(prefix="kmcli-", dir="/tmp")))
+    yield path
+    run_cli(["-m", "kme", "federation", "down", "--state", str(path / "state")])
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_up_keys_over_three_hops_status_down(root: Path) -> None:
+    topology = _line(root, 61)
+    state = root / "state"
+    up = run_cli(["-m", "kme", "federation", "up", "--topology", str(topology),
+                  "--state", str(state)], timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    manifest = json.loads((state / "federation.json").read_text())
+    assert Path(manifest["ca"]).is_absolute() and Path(manifest["ca"]).exists()
+    assert {k["id"] for k in manifest["kmstns"]} == set("WXYZ")
+    for k in manifest["kmstns"]:
+        assert k["etsi014_url"].startswith("https://127.0.0.")
+        assert k["etsi020_url"].startswith("https://127.0.0.")
+    for s in manifest["saes"]:
+        assert set(s) == {"id", "kmstn", "cert", "key"}
+        assert Path(s["cert"]).is_absolute() and Path(s["key"]).exists()
+
+    got = run_cli(["-m", "kme", "sae", "get-key", "--state", str(state), "--sae", "sae-w",
+                   "--slave", "sae-z", "--number", "2"])
+    assert got.returncode == 0, got.stdout + got.stderr
+    keys = json.loads(got.stdout)["keys"]
+    ids = [k["key_ID"] for k in keys]
+    back = run_cli(["-m", "kme", "sae", "get-key-with-ids", "--state", str(state), "--sae",
+                    "sae-z", "--master", "sae-w", *ids])
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert json.loads(back.stdout)["keys"] == keys  # identical IDs and bytes, 3 hops away
+    again = run_cli(["-m", "kme", "sae", "get-key-with-ids", "--state", str(state), "--sae",
+                     "sae-z", "--master", "sae-w", ids[0]])
+    assert again.returncode == 1  # delivered once
+
+    status = run_cli(["-m", "kme", "federation", "status", "--state", str(state)])
+    assert status.returncode == 0, status.stderr
+    for node in "WXYZ":
+        assert f"\n{node} " in status.stdout
+    assert "DOWN" not in status.stdout
+    assert "QKD-W-X" in status.stdout and "PQC-X-Y" in status.stdout
+
+    pids = json.loads((state / "pids.json").read_text())
+    assert len(pids) == 4 * 5 + 2  # five services per KMSTN, one emulator per QKD link
+    down = run_cli(["-m", "kme", "federation", "down", "--state", str(state)], timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "nothing left running" in down.stdout
+    for info in pids.values():
+        with pytest.raises(ProcessLookupError):
+            os.killpg(info["pgid"], 0)
+    assert _processes_mentioning(str(state)) == []
+    assert not (state / "pids.json").exists()
+
+
+def test_failed_start_names_the_service_and_leaves_nothing(root: Path) -> None:
+    topology = _line(root, 65)
+    text = topology.read_text()
+    # Occupy X's ETSI 020 port: its gateway cannot start.
+    x_port = int(text.split('id = "X"')[1].split("etsi020_port = ")[1].split("\n")[0])
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.66", x_port))
+    blocker.listen()
+    try:
+        up = run_cli(["-m", "kme", "federation", "up", "--topology", str(topology),
+                      "--state", str(root / "state"), "--timeout", "60"], timeout=300)
+    finally:
+        blocker.close()
+    assert up.returncode == 1
+    assert "X/gateway020" in up.stderr
+    assert "X-gateway020.log" in up.stderr
+    assert _processes_mentioning(str(root / "state")) == []
+    assert not (root / "state" / "pids.json").exists()
+
+
+def test_systemd_units_verify(tmp_path: Path) -> None:
+    units = REPO / "deploy" / "systemd"
+    python = REPO / ".venv" / "bin" / "python"
+    names = []
+    for unit in units.iterdir():
+        text = unit.read_text().replace("/opt/kmstn/.venv/bin/python", str(python))
+        name = unit.name.replace("@.", "@KMSTN1.")
+        (tmp_path / name).write_text(text)
+        (tmp_path / unit.name).write_text(text)
+        if "@KMSTN1." in name:
+            names.append(name)
+    assert len(names) == 6  # five services and the node target
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no", *names],
+                            capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "error" not in result.stderr.lower(), result.stderr
+    for unit in units.glob("kmstn-*@.service"):
+        text = unit.read_text()
+        assert "RestartPreventExitStatus=78" in text
+        assert "NoNewPrivileges=yes" in text and "ProtectSystem=strict" in text
+        assert "PrivateTmp=yes" in text
+    assert "DeviceAllow=/dev/tpmrm0 rw" in (units / "kmstn-keyvault@.service").read_text()
