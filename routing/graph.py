@@ -79,6 +79,7 @@ class RoutingTable:
             link.id: LinkState(link, True, link.cost) for link in topology.links
         }
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._version = 1
         self._rebuild()
 
@@ -114,7 +115,25 @@ class RoutingTable:
                 self._links[link_id] = new
                 self._version += 1
                 self._rebuild()
+                self._changed.notify_all()
             return new
+
+    def wait_for_change(self, seen_version: int, timeout: float) -> int:
+        """Block until the version differs from ``seen_version`` (or ``timeout``); return it."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._version != seen_version, timeout)
+            return self._version
+
+    def replace_state(self, version: int, states: dict[str, tuple[bool, float]]) -> None:
+        """Take another table's link states and version (a replica of the routing service)."""
+        with self._lock:
+            for link_id, (up, cost) in states.items():
+                old = self._links.get(link_id)
+                if old is not None:
+                    self._links[link_id] = replace(old, up=up, cost=cost)
+            self._version = version
+            self._rebuild()
+            self._changed.notify_all()
 
     def _rebuild(self) -> None:
         # Cheapest up link per unordered pair: csr_matrix would sum duplicate

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
 
 import grpc
 
@@ -11,7 +13,9 @@ from kme.rpc.v1 import routing_pb2, routing_pb2_grpc
 from routing.convert import link_state_to_proto, route_to_proto
 from routing.graph import RoutingTable
 
-__all__ = ["RoutingService"]
+__all__ = ["DEFAULT_HEARTBEAT_S", "RoutingService"]
+
+DEFAULT_HEARTBEAT_S = 15
 
 
 class RoutingService(routing_pb2_grpc.RoutingServicer):
@@ -46,6 +50,22 @@ class RoutingService(routing_pb2_grpc.RoutingServicer):
     def Topology(  # noqa: N802
         self, request: routing_pb2.TopologyRequest, context: grpc.ServicerContext
     ) -> routing_pb2.TopologySnapshot:
+        return self._snapshot()
+
+    def Watch(  # noqa: N802
+        self, request: routing_pb2.WatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[routing_pb2.TopologySnapshot]:
+        heartbeat = float(request.heartbeat_seconds or DEFAULT_HEARTBEAT_S)
+        sent, last = -1, 0.0
+        while context.is_active():
+            # Wake at least once a second to notice a client that went away.
+            version = self._table.wait_for_change(sent, min(1.0, heartbeat))
+            now = time.monotonic()
+            if version != sent or now - last >= heartbeat:
+                sent, last = version, now
+                yield self._snapshot()
+
+    def _snapshot(self) -> routing_pb2.TopologySnapshot:
         topo = self._table.topology
         version, links = self._table.links()
         return routing_pb2.TopologySnapshot(

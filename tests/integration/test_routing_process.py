@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 from pathlib import Path
 
 import grpc
@@ -106,3 +107,47 @@ def test_check_config(three_nodes: FederationFiles) -> None:
     assert "configuration is valid" in result.stdout
     # --check-config starts nothing: no socket appears.
     assert not Path(load_node_config(node_file).routing_endpoint.address).exists()
+
+
+def test_replica_follows_link_changes_without_a_route_rpc(three_nodes: FederationFiles) -> None:
+    """Routing.Watch keeps an in-process replica current: a link change made at the
+    service changes the replica's routes within moments, with no restart."""
+    from routing.replica import RoutingReplica
+
+    node_file = three_nodes.node_file("A")
+    cfg = load_node_config(node_file)
+    proc = ServiceProcess(["-m", "routing", "--config", str(node_file)], three_nodes.root,
+                          "routing")
+    try:
+        proc.wait_healthy(cfg.routing_endpoint.grpc_target)
+        with grpc.insecure_channel(cfg.routing_endpoint.grpc_target) as channel:
+            replica = RoutingReplica(cfg.topology, cfg.node_id, channel, heartbeat_s=1)
+            assert replica.wait_synced(10)
+            assert replica.route_to_sae("sae-c").path == ("A", "B", "C")
+            RoutingClient(channel).set_link_state("PQC-B-C", up=False)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    replica.route_to_sae("sae-c")
+                except KmstnError as exc:
+                    assert exc.code is ErrorCode.NO_ROUTE
+                    break
+                time.sleep(0.01)
+            else:
+                raise AssertionError("the replica never saw the link go down")
+            RoutingClient(channel).set_link_state("PQC-B-C", up=True)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not _routes(replica):
+                time.sleep(0.01)
+            assert replica.route_to_sae("sae-c").path == ("A", "B", "C")
+            replica.close()
+    finally:
+        assert proc.stop() == 0, proc.logs()
+
+
+def _routes(replica: object) -> bool:
+    try:
+        replica.route_to_sae("sae-c")  # type: ignore[attr-defined]
+    except KmstnError:
+        return False
+    return True

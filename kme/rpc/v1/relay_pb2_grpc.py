@@ -307,6 +307,11 @@ class RelayPeerStub:
                 request_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.EncapsulatedRequest.SerializeToString,
                 response_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.EncapsulatedResponse.FromString,
                 _registered_method=True)
+        self.ReserveQkdKeys = channel.unary_unary(
+                '/kme.rpc.v1.RelayPeer/ReserveQkdKeys',
+                request_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.ReserveQkdKeysRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.ReserveQkdKeysResponse.FromString,
+                _registered_method=True)
 
 
 class RelayPeerServicer:
@@ -333,6 +338,18 @@ class RelayPeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReserveQkdKeys(self, request, context):
+        """QKD keys the caller took from the QKD device the two nodes share,
+        announced before use: the receiver reads them from its own side of the
+        device now and holds them, each for one envelope of this caller, until
+        ttl_seconds. A QKD hop then costs no device call on the hot path of
+        either side. Envelopes may still name a key that was not announced; the
+        receiver then asks its device for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RelayPeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -345,6 +362,11 @@ def add_RelayPeerServicer_to_server(servicer, server):
                     servicer.Encapsulated,
                     request_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.EncapsulatedRequest.FromString,
                     response_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.EncapsulatedResponse.SerializeToString,
+            ),
+            'ReserveQkdKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveQkdKeys,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.ReserveQkdKeysRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.ReserveQkdKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -403,6 +425,33 @@ class RelayPeer:
             '/kme.rpc.v1.RelayPeer/Encapsulated',
             kme_dot_rpc_dot_v1_dot_relay__pb2.EncapsulatedRequest.SerializeToString,
             kme_dot_rpc_dot_v1_dot_relay__pb2.EncapsulatedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveQkdKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kme.rpc.v1.RelayPeer/ReserveQkdKeys',
+            kme_dot_rpc_dot_v1_dot_relay__pb2.ReserveQkdKeysRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_relay__pb2.ReserveQkdKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

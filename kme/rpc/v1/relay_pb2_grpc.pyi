@@ -173,6 +173,14 @@ class RelayPeerStub:
     ciphertext for a session now, and both sides hold the secret under the
     session ID until one envelope uses it.
     """
+    ReserveQkdKeys: _grpc.UnaryUnaryMultiCallable[_relay_pb2.ReserveQkdKeysRequest, _relay_pb2.ReserveQkdKeysResponse]
+    """QKD keys the caller took from the QKD device the two nodes share,
+    announced before use: the receiver reads them from its own side of the
+    device now and holds them, each for one envelope of this caller, until
+    ttl_seconds. A QKD hop then costs no device call on the hot path of
+    either side. Envelopes may still name a key that was not announced; the
+    receiver then asks its device for it.
+    """
 
 @_typing.type_check_only
 class RelayPeerAsyncStub(RelayPeerStub):
@@ -191,6 +199,14 @@ class RelayPeerAsyncStub(RelayPeerStub):
     """The paper's explicit exchange, unpipelined: the sender sends the
     ciphertext for a session now, and both sides hold the secret under the
     session ID until one envelope uses it.
+    """
+    ReserveQkdKeys: _aio.UnaryUnaryMultiCallable[_relay_pb2.ReserveQkdKeysRequest, _relay_pb2.ReserveQkdKeysResponse]  # type: ignore[assignment]
+    """QKD keys the caller took from the QKD device the two nodes share,
+    announced before use: the receiver reads them from its own side of the
+    device now and holds them, each for one envelope of this caller, until
+    ttl_seconds. A QKD hop then costs no device call on the hot path of
+    either side. Envelopes may still name a key that was not announced; the
+    receiver then asks its device for it.
     """
 
 class RelayPeerServicer(metaclass=_abc_1.ABCMeta):
@@ -219,6 +235,20 @@ class RelayPeerServicer(metaclass=_abc_1.ABCMeta):
         """The paper's explicit exchange, unpipelined: the sender sends the
         ciphertext for a session now, and both sides hold the secret under the
         session ID until one envelope uses it.
+        """
+
+    @_abc_1.abstractmethod
+    def ReserveQkdKeys(
+        self,
+        request: _relay_pb2.ReserveQkdKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_relay_pb2.ReserveQkdKeysResponse, _abc.Awaitable[_relay_pb2.ReserveQkdKeysResponse]]:
+        """QKD keys the caller took from the QKD device the two nodes share,
+        announced before use: the receiver reads them from its own side of the
+        device now and holds them, each for one envelope of this caller, until
+        ttl_seconds. A QKD hop then costs no device call on the hot path of
+        either side. Envelopes may still name a key that was not announced; the
+        receiver then asks its device for it.
         """
 
 def add_RelayPeerServicer_to_server(servicer: RelayPeerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,6 +26,29 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class WatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEARTBEAT_SECONDS_FIELD_NUMBER: _builtins.int
+    heartbeat_seconds: _builtins.int
+    """Send the snapshot again after this many seconds without a change
+    (0 = the server's default), so a client can tell a quiet stream from a
+    dead one.
+    """
+    def __init__(
+        self,
+        *,
+        heartbeat_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_seconds", b"heartbeat_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
+
+@_typing.final
 class RouteRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

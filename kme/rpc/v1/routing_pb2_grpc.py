@@ -49,6 +49,11 @@ class RoutingStub:
                 request_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.TopologyRequest.SerializeToString,
                 response_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.TopologySnapshot.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/kme.rpc.v1.Routing/Watch',
+                request_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.WatchRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.TopologySnapshot.FromString,
+                _registered_method=True)
 
 
 class RoutingServicer:
@@ -77,6 +82,17 @@ class RoutingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """The topology now, then again every time link state changes (and at
+        least every heartbeat). Clients on the hot path (the gateways' flows)
+        keep a replica from this stream and compute routes locally, so a route
+        costs no RPC while link changes still take effect as soon as they are
+        pushed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RoutingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +109,11 @@ def add_RoutingServicer_to_server(servicer, server):
             'Topology': grpc.unary_unary_rpc_method_handler(
                     servicer.Topology,
                     request_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.TopologyRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.TopologySnapshot.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.WatchRequest.FromString,
                     response_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.TopologySnapshot.SerializeToString,
             ),
     }
@@ -176,6 +197,33 @@ class Routing:
             target,
             '/kme.rpc.v1.Routing/Topology',
             kme_dot_rpc_dot_v1_dot_routing__pb2.TopologyRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_routing__pb2.TopologySnapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kme.rpc.v1.Routing/Watch',
+            kme_dot_rpc_dot_v1_dot_routing__pb2.WatchRequest.SerializeToString,
             kme_dot_rpc_dot_v1_dot_routing__pb2.TopologySnapshot.FromString,
             options,
             channel_credentials,

@@ -46,6 +46,13 @@ class RoutingStub:
     """Take a link down or up, or change its cost. Routes change at once."""
     Topology: _grpc.UnaryUnaryMultiCallable[_routing_pb2.TopologyRequest, _routing_pb2.TopologySnapshot]
     """The whole topology as this node sees it now."""
+    Watch: _grpc.UnaryStreamMultiCallable[_routing_pb2.WatchRequest, _routing_pb2.TopologySnapshot]
+    """The topology now, then again every time link state changes (and at
+    least every heartbeat). Clients on the hot path (the gateways' flows)
+    keep a replica from this stream and compute routes locally, so a route
+    costs no RPC while link changes still take effect as soon as they are
+    pushed.
+    """
 
 @_typing.type_check_only
 class RoutingAsyncStub(RoutingStub):
@@ -59,6 +66,13 @@ class RoutingAsyncStub(RoutingStub):
     """Take a link down or up, or change its cost. Routes change at once."""
     Topology: _aio.UnaryUnaryMultiCallable[_routing_pb2.TopologyRequest, _routing_pb2.TopologySnapshot]  # type: ignore[assignment]
     """The whole topology as this node sees it now."""
+    Watch: _aio.UnaryStreamMultiCallable[_routing_pb2.WatchRequest, _routing_pb2.TopologySnapshot]  # type: ignore[assignment]
+    """The topology now, then again every time link state changes (and at
+    least every heartbeat). Clients on the hot path (the gateways' flows)
+    keep a replica from this stream and compute routes locally, so a route
+    costs no RPC while link changes still take effect as soon as they are
+    pushed.
+    """
 
 class RoutingServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -87,5 +101,18 @@ class RoutingServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_routing_pb2.TopologySnapshot, _abc.Awaitable[_routing_pb2.TopologySnapshot]]:
         """The whole topology as this node sees it now."""
+
+    @_abc_1.abstractmethod
+    def Watch(
+        self,
+        request: _routing_pb2.WatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_routing_pb2.TopologySnapshot], _abc.AsyncIterator[_routing_pb2.TopologySnapshot]]:
+        """The topology now, then again every time link state changes (and at
+        least every heartbeat). Clients on the hot path (the gateways' flows)
+        keep a replica from this stream and compute routes locally, so a route
+        costs no RPC while link changes still take effect as soon as they are
+        pushed.
+        """
 
 def add_RoutingServicer_to_server(servicer: RoutingServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
