@@ -263,6 +263,9 @@ class RelaySettings:
     kem_pool_size: int = 64
     session_ttl_s: int = 300
     timeout_ms: int = 10_000
+    # QKD hop keys taken ahead and announced to each QKD neighbour (0: take
+    # them per message). Each is 256 bits of the link's key.
+    qkd_reserve: int = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -705,6 +708,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
         kem_pool_size=r.integer("kem_pool_size", 64, lo=1, hi=4096),
         session_ttl_s=r.integer("session_ttl_s", 300, lo=1, hi=86_400),
         timeout_ms=r.integer("timeout_ms", 10_000, lo=100, hi=600_000),
+        qkd_reserve=r.integer("qkd_reserve", 8, lo=0, hi=128),
     )
     r.close()
 

@@ -19,6 +19,7 @@ from kme.server import Runtime, run_service
 from relay.forward import Forwarder
 from relay.hopkey import HopLinks
 from relay.kem import SessionStore
+from relay.qkdreserve import ReservedQkdKeys
 from relay.service import Opener, PeerPools, RelayPeerService, RelayService, Sealer
 
 
@@ -33,16 +34,18 @@ def build(rt: Runtime) -> None:
     devices = qkd_devices(config)
     sessions = SessionStore(config.relay.session_ttl_s,
                             max_per_peer=max(64, 4 * config.relay.kem_pool_size), log=rt.log)
-    pools = PeerPools(config, links, rt.log)
+    reserved = ReservedQkdKeys(config.relay.session_ttl_s,
+                               max_per_peer=max(32, 4 * config.relay.qkd_reserve))
+    pools = PeerPools(config, links, rt.log, devices=devices)
     sealer = Sealer(links, pools, devices, rt.log)
-    opener = Opener(links, sessions, devices, rt.log)
+    opener = Opener(links, sessions, devices, rt.log, reserved)
 
     forwarder = Forwarder(config, sealer.seal, rt.log, discard_sessions=sealer.discard_keys)
     relay_pb2_grpc.add_RelayServicer_to_server(RelayService(sealer, opener, forwarder),
                                                rt.server)
     peer_server = rt.add_tcp_server(config.node.host, config.node.relay_port, config.tls)
-    relay_pb2_grpc.add_RelayPeerServicer_to_server(RelayPeerService(links, sessions, rt.log),
-                                                   peer_server)
+    relay_pb2_grpc.add_RelayPeerServicer_to_server(
+        RelayPeerService(links, sessions, rt.log, reserved, devices), peer_server)
     for name in ("Relay", "RelayPeer"):
         rt.serving(relay_pb2.DESCRIPTOR.services_by_name[name].full_name)
     rt.on_stop(pools.close)

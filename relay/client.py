@@ -9,6 +9,7 @@ channel with :func:`peer_channel`.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -93,6 +94,11 @@ class RelayPeerClient:
                                  "neighbour relay sent a malformed session ID") from None
             out.append(OneTimeKey(session, k.public_key, k.ttl_seconds))
         return out
+
+    def reserve_qkd_keys(self, key_ids: Sequence[uuid.UUID]) -> int:
+        """Announce QKD keys taken from the shared device; returns how long they are held."""
+        req = relay_pb2.ReserveQkdKeysRequest(key_ids=[str(k) for k in key_ids])
+        return int(call(self._stub.ReserveQkdKeys, req, self._timeout).ttl_seconds)
 
     def encapsulated(self, session: uuid.UUID, ciphertext: bytes) -> None:
         call(self._stub.Encapsulated,

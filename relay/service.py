@@ -49,10 +49,12 @@ from relay.hopkey import (
     KEYLESS_TYPES,
     DeviceDirectory,
     HopLinks,
+    QkdMaterial,
     combine,
     fetch_qkd_key,
     take_qkd_key,
 )
+from relay.qkdreserve import QkdReservePool, ReservedQkdKeys
 
 __all__ = [
     "OpenResult",
@@ -92,8 +94,11 @@ class PeerPools:
 
     def __init__(self, config: NodeConfig, links: HopLinks,
                  log: logging.Logger | None = None,
-                 client_factory: Callable[[NodeId], RelayPeerClient] | None = None) -> None:
+                 client_factory: Callable[[NodeId], RelayPeerClient] | None = None,
+                 devices: DeviceDirectory | None = None) -> None:
         self._config = config
+        self._devices = devices
+        self._qkd_pools: dict[NodeId, QkdReservePool | None] = {}
         self._links = links
         self._log = log or logging.getLogger("kmstn.relay")
         self._size = config.relay.kem_pool_size
@@ -127,6 +132,21 @@ class PeerPools:
                     self._executor, log=self._log)
             return found
 
+    def qkd_pool(self, peer: NodeId) -> QkdReservePool | None:
+        """QKD hop keys held for ``peer`` ahead of use (None without a QKD link or pool)."""
+        with self._lock:
+            if peer in self._qkd_pools:
+                return self._qkd_pools[peer]
+        size = self._config.relay.qkd_reserve
+        device = self._devices.toward(peer) if self._devices is not None else None
+        pool = None
+        if size and device is not None and self._links.qkd_link(peer) is not None:
+            pool = QkdReservePool(peer, device,
+                                  lambda ids: self.client(peer).reserve_qkd_keys(ids), size,
+                                  self._executor, log=self._log)
+        with self._lock:
+            return self._qkd_pools.setdefault(peer, pool)
+
     def encapsulated(self, peer: NodeId, session: uuid.UUID, ciphertext: bytes) -> None:
         self.client(peer).encapsulated(session, ciphertext)
 
@@ -138,6 +158,7 @@ class PeerPools:
             self._channels.clear()
             self._clients.clear()
             self._pools.clear()
+            self._qkd_pools.clear()
 
 
 class Sealer:
@@ -149,8 +170,10 @@ class Sealer:
                  encapsulated: Callable[[NodeId, uuid.UUID, bytes], None] | None = None) -> None:
         self._links = links
         self._pool: Callable[[NodeId], kem.KeyPool]
+        self._qkd_pool: Callable[[NodeId], QkdReservePool | None] = lambda _peer: None
         if isinstance(pools, PeerPools):
             self._pool = pools.pool
+            self._qkd_pool = pools.qkd_pool
             encapsulated = encapsulated or pools.encapsulated
         else:
             self._pool = pools
@@ -160,6 +183,15 @@ class Sealer:
             raise ValueError("the explicit exchange needs an encapsulated() sender")
         self._exchange = exchange
         self._encapsulated = encapsulated
+
+    def _hop_qkd_key(self, peer: NodeId) -> QkdMaterial | None:
+        """A QKD key the neighbour already holds if we have one, else one from the device."""
+        if self._links.qkd_link(peer) is not None:
+            pool = self._qkd_pool(peer)
+            held = pool.take() if pool is not None else None
+            if held is not None:
+                return QkdMaterial(held, self._links.own_device_sae(peer))
+        return take_qkd_key(self._links, self._devices, peer)
 
     def seal(self, next_hop: str, message_type: str, body: bytes, hop: int) -> bytes:
         """The envelope for ``body`` toward ``next_hop`` (what Relay.Forward POSTs)."""
@@ -172,7 +204,11 @@ class Sealer:
         envelope: it has most likely restarted and forgotten every session it
         handed out, so the rest of the pool would fail the same way.
         """
-        self._pool(self._links.require_neighbour(next_hop)).clear()
+        peer = self._links.require_neighbour(next_hop)
+        self._pool(peer).clear()
+        qkd = self._qkd_pool(peer)
+        if qkd is not None:
+            qkd.clear()  # the neighbour forgot the QKD keys we announced, too
 
     def seal_detailed(self, next_hop: str, message_type: str, body: bytes, hop: int) -> Sealed:
         if message_type not in env.MESSAGE_TYPES:
@@ -191,8 +227,7 @@ class Sealer:
             assert self._encapsulated is not None  # noqa: S101 - checked in __init__
             self._encapsulated(peer, one_time.session, kem_ciphertext)
             carried = None
-        qkd = (None if message_type in KEYLESS_TYPES
-               else take_qkd_key(self._links, self._devices, peer))
+        qkd = None if message_type in KEYLESS_TYPES else self._hop_qkd_key(peer)
         header = env.Header(
             alg=env.ALG_QKD if qkd else env.ALG_PQC,
             session=one_time.session,
@@ -218,10 +253,12 @@ class Opener:
     """Open envelopes from neighbours (the receiving half of a hop)."""
 
     def __init__(self, links: HopLinks, sessions: kem.SessionStore,
-                 devices: DeviceDirectory | None, log: logging.Logger | None = None) -> None:
+                 devices: DeviceDirectory | None, log: logging.Logger | None = None,
+                 reserved: ReservedQkdKeys | None = None) -> None:
         self._links = links
         self._sessions = sessions
         self._devices = devices
+        self._reserved = reserved
         self._log = log or logging.getLogger("kmstn.relay")
 
     def open(self, peer: str, message_type: str, envelope: bytes) -> OpenResult:
@@ -274,7 +311,9 @@ class Opener:
         qkd_key = None
         if h.is_qkd:
             assert h.qkd_key_id is not None  # noqa: S101 - Header guarantees it
-            qkd_key = fetch_qkd_key(self._links, self._devices, peer, h.qkd_key_id)
+            qkd_key = (self._reserved.take(peer, h.qkd_key_id) if self._reserved else None)
+            if qkd_key is None:
+                qkd_key = fetch_qkd_key(self._links, self._devices, peer, h.qkd_key_id)
         body = env.open_envelope(sealed, combine(kem_secret, qkd_key))
         kind: HopKind = "qkd" if h.is_qkd else "pqc"
         self._log.debug("opened", extra={"peer": peer, "session": str(h.session),
@@ -356,10 +395,29 @@ class RelayPeerService(relay_pb2_grpc.RelayPeerServicer):
     """kme.rpc.v1.RelayPeer: the receiver's side of the ML-KEM-768 exchange."""
 
     def __init__(self, links: HopLinks, sessions: kem.SessionStore,
-                 log: logging.Logger | None = None) -> None:
+                 log: logging.Logger | None = None, reserved: ReservedQkdKeys | None = None,
+                 devices: DeviceDirectory | None = None) -> None:
         self._links = links
         self._sessions = sessions
         self._log = log or logging.getLogger("kmstn.relay")
+        self._reserved = reserved
+        self._devices = devices
+
+    def ReserveQkdKeys(  # noqa: N802
+        self, request: relay_pb2.ReserveQkdKeysRequest, context: grpc.ServicerContext
+    ) -> relay_pb2.ReserveQkdKeysResponse:
+        peer = caller_node(context, self._links)
+        device = self._devices.toward(peer) if self._devices is not None else None
+        if self._reserved is None or device is None or self._links.qkd_link(peer) is None:
+            raise KmstnError(ErrorCode.INVALID_ARGUMENT,
+                             f"no QKD link with {peer} to reserve keys on")
+        try:
+            ids = [uuid.UUID(k) for k in request.key_ids]
+        except ValueError:
+            raise KmstnError(ErrorCode.INVALID_ARGUMENT, "key_ids must be UUIDs") from None
+        held = self._reserved.hold(peer, device, ids)
+        self._log.debug("holding announced QKD keys", extra={"peer": peer, "count": held})
+        return relay_pb2.ReserveQkdKeysResponse(ttl_seconds=self._reserved.ttl_seconds)
 
     def PublicKeys(  # noqa: N802
         self, request: relay_pb2.PublicKeysRequest, context: grpc.ServicerContext
