@@ -45,7 +45,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kme.config import NodeConfig, QkdLink, Topology, load_node_config, load_topology
 from kme.pki import CertificateAuthority, Issued, issue_for_topology
 
-__all__ = ["Federation", "FederationError", "ServiceSpec"]
+__all__ = ["Federation", "FederationError", "ServiceSpec", "group_alive"]
 
 GRPC_SERVICES = ("routing", "keyvault", "relay")
 
@@ -350,6 +350,12 @@ class Federation:
                 if k.kind == "kmstn"}
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` is still running (zombies do not count:
+    they have exited and only wait for a parent, or init, to reap them)."""
+    return _alive(pgid)
+
+
 def _alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -361,10 +367,10 @@ def _alive(pgid: int) -> bool:
     try:
         with open(f"/proc/{pgid}/stat") as fh:
             state = fh.read().rsplit(")", 1)[1].split()[0]
-        if state == "Z":
-            _reap()
-            return _group_has_live_members(pgid)
-    except FileNotFoundError:
+    except OSError:  # the leader is gone (or went while we read): ask the group
+        return _group_has_live_members(pgid)
+    if state == "Z":
+        _reap()
         return _group_has_live_members(pgid)
     return True
 
