@@ -45,7 +45,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kme.config import NodeConfig, QkdLink, Topology, load_node_config, load_topology
 from kme.pki import CertificateAuthority, Issued, issue_for_topology
 
-__all__ = ["Federation", "FederationError", "ServiceSpec", "group_alive"]
+__all__ = ["Federation", "FederationError", "ServiceSpec", "group_alive", "group_members"]
 
 GRPC_SERVICES = ("routing", "keyvault", "relay")
 
@@ -375,7 +375,9 @@ def _alive(pgid: int) -> bool:
     return True
 
 
-def _group_has_live_members(pgid: int) -> bool:
+def group_members(pgid: int) -> list[int]:
+    """PIDs of the processes of group ``pgid`` that have not exited (zombies excluded)."""
+    pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -385,8 +387,12 @@ def _group_has_live_members(pgid: int) -> bool:
         except OSError:
             continue
         if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+            pids.append(int(entry))
+    return pids
+
+
+def _group_has_live_members(pgid: int) -> bool:
+    return bool(group_members(pgid))
 
 
 def _reap() -> None:

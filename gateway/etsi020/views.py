@@ -17,6 +17,8 @@ it the answer is 200 with the ack containers (``synchronous_mode``, which
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Callable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -119,19 +121,9 @@ def ext_keys() -> Response:
         plan = flows.plan_ext_keys(peer.id, container, hop)
         if container.ack_callback_url is None:
             return _acks(flows.ext_keys(peer.id, container, hop, plan))
-    url = container.ack_callback_url
-
-    def later() -> None:
-        try:
-            acks = flows.ext_keys(peer.id, container, hop, plan)
-        except KmstnError as exc:
-            acks = [etsi020.AckContainer(container.key_ids, "failed",
-                                         container.initiator_sae_id,
-                                         container.target_sae_ids, exc.public)]
-        _send_ack(flows, peer.id, url, acks)
-
-    flows.in_background(later)
-    return Response(status=202)
+    return _accepted(flows, peer.id, container.ack_callback_url, container.key_ids,
+                     container.initiator_sae_id, container.target_sae_ids, "failed",
+                     lambda: flows.ext_keys(peer.id, container, hop, plan))
 
 
 @blueprint.post("/kmapi/v1/ext_keys/void")
@@ -143,19 +135,9 @@ def void() -> Response:
     _check_callback(peer, container.ack_callback_url)
     if container.ack_callback_url is None:
         return _acks(flows.void(peer.id, container, hop))
-    url = container.ack_callback_url
-
-    def later() -> None:
-        try:
-            acks = flows.void(peer.id, container, hop)
-        except KmstnError as exc:
-            acks = [etsi020.AckContainer(container.key_ids, "failed to void",
-                                         container.initiator_sae_id,
-                                         container.target_sae_ids, exc.public)]
-        _send_ack(flows, peer.id, url, acks)
-
-    flows.in_background(later)
-    return Response(status=202)
+    return _accepted(flows, peer.id, container.ack_callback_url, container.key_ids,
+                     container.initiator_sae_id, container.target_sae_ids, "failed to void",
+                     lambda: flows.void(peer.id, container, hop))
 
 
 @blueprint.post("/kmapi/v1/ext_keys/ack")
@@ -182,6 +164,23 @@ def device_keys() -> Response:
     notice = DeviceKeysNotice.from_json(body)
     with kmelog.log_context(peer=peer.id, key_ids=[str(k) for k in notice.key_ids]):
         return _acks(_flows().device_keys(peer.id, notice))
+
+
+def _accepted(flows: Flows, peer: str, url: str, key_ids: tuple[uuid.UUID, ...],
+              initiator: str, targets: tuple[str, ...], failed_status: str,
+              work: Callable[[], list[etsi020.AckContainer]]) -> Response:
+    """Asynchronous mode (clause 3): answer 202 now, do the work, then POST the acks."""
+
+    def later() -> None:
+        try:
+            acks = work()
+        except KmstnError as exc:
+            acks = [etsi020.AckContainer(key_ids, failed_status, initiator, targets,
+                                         exc.public)]
+        _send_ack(flows, peer, url, acks)
+
+    flows.in_background(later)
+    return Response(status=202)
 
 
 def _send_ack(flows: Flows, peer: str, url: str, acks: list[etsi020.AckContainer]) -> None:

@@ -40,7 +40,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -57,8 +57,8 @@ from kme.config import (
 )
 from kme.pki import common_name_of
 
-__all__ = ["HEALTH_PATH", "SimConfig", "load_sim_config", "server_context", "sim_healthy",
-           "write_sim_config"]
+__all__ = ["HEALTH_PATH", "SimConfig", "load_sim_config", "server_context", "sim_health",
+           "sim_healthy", "write_sim_config"]
 
 HEALTH_PATH = "/healthz"
 
@@ -181,7 +181,9 @@ def write_sim_config(path: Path, *, topology: Path, link: str, ca: Path, alice: 
     return path
 
 
-def _healthz(device: DeviceEndpoint, ca: Path, cert: _CertPair, timeout: float) -> bool:
+def sim_health(device: DeviceEndpoint, ca: Path, cert: _CertPair,
+               timeout: float = 2.0) -> dict[str, Any] | None:
+    """The emulator's health document (status and key counters), or None if unreachable."""
     ctx = ssl.create_default_context(cafile=str(ca))
     ctx.load_cert_chain(str(cert.cert), str(cert.key))
     conn = http.client.HTTPSConnection(device.host, device.port, context=ctx, timeout=timeout)
@@ -190,16 +192,22 @@ def _healthz(device: DeviceEndpoint, ca: Path, cert: _CertPair, timeout: float) 
         resp = conn.getresponse()
         body = resp.read()
     except (OSError, http.client.HTTPException):
-        return False
+        return None
     finally:
         with contextlib.suppress(OSError):
             conn.close()
     if resp.status != 200:
-        return False
+        return None
     try:
-        return bool(json.loads(body).get("status") == "ok")
-    except (ValueError, AttributeError):
-        return False
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _healthz(device: DeviceEndpoint, ca: Path, cert: _CertPair, timeout: float) -> bool:
+    doc = sim_health(device, ca, cert, timeout)
+    return doc is not None and doc.get("status") == "ok"
 
 
 def sim_healthy(link: QkdLink, ca: Path, certs: Mapping[str, _CertPair],
