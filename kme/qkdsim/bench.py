@@ -4,7 +4,7 @@
 
 Starts a real ``python -m kme.qkdsim`` process for one link on 127.0.0.1
 (throwaway CA, mutual TLS) and drives it with :class:`kme.qkd.QkdDeviceClient`
-(requests, keep-alive sessions, one per thread), then prints:
+(keep-alive http.client connections, borrowed per thread), then prints:
 
 (a) enc_keys throughput with the rate not limiting (1 Gb/s, full store):
     requests/s and p50/p95 latency at concurrency 1 and 8 (threads sharing
@@ -17,7 +17,7 @@ Starts a real ``python -m kme.qkdsim`` process for one link on 127.0.0.1
     ``--shape``; fewer, larger blocks mean more spread around the mean).
 
 Client and server share the machine: on 2 cores the client's own cost
-(requests and TLS in Python) is part of every number.
+(HTTP and TLS in Python) is part of every number.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def _kmstn_client_run(client: QkdDeviceClient, concurrency: int,
     barrier.wait()
     for t in threads:
         t.join()
-    return _summary("kme.qkd (requests, threads)", concurrency,
+    return _summary("kme.qkd (http.client pool, threads)", concurrency,
                     [x for lat in latencies for x in lat], len(errors),
                     time.perf_counter() - t_begin)
 
