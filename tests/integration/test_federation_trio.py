@@ -210,3 +210,22 @@ def test_014_tls_versions(trio: Trio) -> None:
     anon.trust_env = False
     with pytest.raises(requests.exceptions.SSLError):
         anon.get(old.base + "/api/v1/keys/sae-c1/status", verify=trio.ca, timeout=10)
+
+
+def test_no_key_bytes_in_any_log(trio: Trio) -> None:
+    """Canary: keys delivered over every kind of path never appear in any process's log
+    (gateways, flows, relays, keyvaults, routing, QKD emulators), in base64 or hex."""
+    delivered: list[bytes] = []
+    for master, slave in (("sae-a1", "sae-c1"), ("sae-a1", "sae-b"), ("sae-c2", "sae-a2"),
+                          ("sae-a1", "sae-f")):
+        keys = key_map(Sae(trio.manifest, master).enc_keys(slave, number=2))
+        delivered += keys.values()
+        if slave != "sae-f":
+            got = key_map(Sae(trio.manifest, slave).dec_keys(master, list(keys)))
+            assert got == keys
+    logs = "".join(p.read_text(errors="replace")
+                   for p in (trio.root / "state" / "logs").glob("*.log"))
+    assert len(logs) > 10_000  # the processes did log their work
+    for key in delivered:
+        for form in (base64.b64encode(key).decode(), key.hex(), key.hex().upper()):
+            assert form not in logs
