@@ -188,8 +188,14 @@ class KeyVaultService(keyvault_pb2_grpc.KeyVaultServicer):
         if remaining is not None:
             # Leave time to answer before the caller's deadline.
             wait_s = max(0.0, min(wait_s, remaining - 0.05))
+        def still_wanted() -> bool:
+            # The answer must be able to reach the caller: never delete keys
+            # for a call whose deadline has passed or that was cancelled.
+            left = context.time_remaining()
+            return bool(context.is_active()) and (left is None or left > 0.01)
+
         with log_context(request_id=self._request_id(context), sae_id=sae):
-            keys = self._vault.take(sae, master, ids, wait_s)
+            keys = self._vault.take(sae, master, ids, wait_s, still_wanted)
             self._log.info("keys taken", extra={"master_sae_id": master,
                                                 "key_ids": [str(k) for k in ids]})
         return keyvault_pb2.TakeResponse(keys=[

@@ -391,12 +391,17 @@ class Vault:
     # -- Take ---------------------------------------------------------------------------
 
     def take(self, sae: str, master: str, key_ids: Sequence[uuid.UUID],
-             wait_s: float = 0.0) -> list[Key]:
+             wait_s: float = 0.0, still_wanted: Callable[[], bool] | None = None) -> list[Key]:
         """Take keys for one SAE: all or nothing, each SAE at most once per key.
 
         With ``wait_s > 0``, keys that are simply absent (never stored, no
         tombstone) are waited for until they arrive or the wait ends; any
         other failure is immediate. Nothing is consumed on any error.
+
+        ``still_wanted`` is asked inside the transaction, just before it
+        commits: if the caller has gone (its deadline passed, it hung up) the
+        take is rolled back, so a key is never deleted for an answer nobody
+        will read.
         """
         ids = [str(k) for k in key_ids]
         if not ids:
@@ -408,7 +413,7 @@ class Vault:
             with self._changed:
                 seen = self._generation
             try:
-                return self._take_once(sae, master, ids)
+                return self._take_once(sae, master, ids, still_wanted)
             except _NotYetError as exc:
                 with self._changed:
                     while self._generation == seen and not self._closed:
@@ -419,7 +424,8 @@ class Vault:
                 if self._closed:
                     raise exc.error from None
 
-    def _take_once(self, sae: str, master: str, ids: list[str]) -> list[Key]:
+    def _take_once(self, sae: str, master: str, ids: list[str],
+                   still_wanted: Callable[[], bool] | None = None) -> list[Key]:
         now = self._now_us()
         with self._write() as conn:
             rows = self._rows(conn, ids)
@@ -463,6 +469,9 @@ class Vault:
             conn.executemany("UPDATE grants SET taken_us = ? WHERE key_id = ? AND sae = ?",
                              [(now, key_id, sae) for key_id in ids if key_id not in finished])
             self._bury(conn, done, "taken", now)
+            if still_wanted is not None and not still_wanted():
+                raise KmstnError(ErrorCode.TIMEOUT, "the caller gave up before the keys "
+                                 "were handed out; nothing was taken")
         return keys
 
     # -- Holds, Status, ListPending -----------------------------------------------------

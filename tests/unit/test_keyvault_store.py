@@ -301,3 +301,13 @@ def test_sweeper_thread_expires_keys_when_due(tmp_path: Path) -> None:
     finally:
         sweeper.stop()
         v.close()
+
+
+def test_take_for_a_caller_that_gave_up_consumes_nothing(vault: Vault) -> None:
+    """A take whose caller is gone by commit time rolls back: the key is not lost."""
+    k = key()
+    vault.store([rec(k)])
+    with pytest.raises(KmstnError) as err:
+        vault.take("s", "m", [k.key_id], still_wanted=lambda: False)
+    assert err.value.code is ErrorCode.TIMEOUT
+    assert vault.take("s", "m", [k.key_id], still_wanted=lambda: True)[0].material == k.material
