@@ -45,7 +45,6 @@ import functools
 import json
 import logging
 import secrets
-import threading
 import time
 import uuid
 from collections import defaultdict
@@ -187,7 +186,6 @@ class Flows:
         self._relay_timeout = config.gateway.relay_timeout_ms / 1000
         self._qkd_links = {link.other(self.node): link for link in self.topology.qkd_links
                            if self.node in (link.a, link.b)}
-        self._closed = threading.Event()
 
     def in_background(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the flows' pool (asynchronous ETSI 020 requests)."""
@@ -201,16 +199,12 @@ class Flows:
         self._pool.submit(guarded)
 
     def close(self) -> None:
-        self._closed.set()
         self._pool.shutdown(wait=True, cancel_futures=False)
 
     # -- identities ------------------------------------------------------------
 
     def own_sae(self, sae: str) -> None:
         """Refuse (401) an SAE that this node does not serve."""
-        self._own_sae(sae)
-
-    def _own_sae(self, sae: str) -> None:
         node = self.topology.saes.get(sae)  # type: ignore[call-overload]
         if node is None:
             raise KmstnError(ErrorCode.UNAUTHENTICATED,
@@ -274,7 +268,7 @@ class Flows:
 
     def status(self, master: str, slave: str) -> dict[str, Any]:
         """ETSI 014 clause 4.1 Status for this master and ``slave``."""
-        self._own_sae(master)
+        self.own_sae(master)
         dest = self._node_of(slave)
         if slave == master:
             raise KmstnError(ErrorCode.INVALID_ARGUMENT, "slave_SAE_ID must differ from the "
@@ -302,7 +296,7 @@ class Flows:
     def enc_keys(self, master: str, slave: str, number: int, size: int,
                  additional_slaves: Sequence[str] = ()) -> list[Key]:
         """Get key (ETSI 014 clause 5.2) for a master served here, toward every slave."""
-        self._own_sae(master)
+        self.own_sae(master)
         targets = (slave, *additional_slaves)
         by_dest: dict[NodeId, list[str]] = defaultdict(list)
         for t in targets:
@@ -445,7 +439,7 @@ class Flows:
 
     def dec_keys(self, slave: str, master: str, key_ids: Sequence[uuid.UUID]) -> list[Key]:
         """Get key with key IDs (ETSI 014 clause 5.3): once, only for a named slave."""
-        self._own_sae(slave)
+        self.own_sae(slave)
         if master not in self.topology.saes:
             raise KmstnError(ErrorCode.KEY_NOT_FOUND, "unknown master")
         wait = (self.config.gateway.inflight_wait_ms
