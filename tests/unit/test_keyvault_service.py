@@ -116,13 +116,17 @@ def test_record_info_to_proto() -> None:
 
 
 class FakeContext:
-    """The two ServicerContext methods the servicer uses."""
+    """The ServicerContext methods the servicer uses."""
 
-    def __init__(self, remaining: float | None = 5.0) -> None:
+    def __init__(self, remaining: float | None = 5.0, active: bool = True) -> None:
         self._remaining = remaining
+        self._active = active
 
     def time_remaining(self) -> float | None:
         return self._remaining
+
+    def is_active(self) -> bool:
+        return self._active
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return (("x-request-id", "req-1"),)
@@ -156,6 +160,20 @@ def test_servicer_round_trip(service: KeyVaultService) -> None:
     acks = service.Void(keyvault_pb2.VoidRequest(key_ids=[kid], initiator_sae_id="m",
                                                  target_sae_ids=["s", "t"]), ctx).acks
     assert [a.status for a in acks] == [common_pb2.ACK_STATUS_FAILED_TO_VOID]
+
+
+def test_servicer_takes_nothing_for_a_cancelled_call(service: KeyVaultService) -> None:
+    msg = stored(allowed_sae_ids=["s"])
+    service.Store(keyvault_pb2.StoreRequest(keys=[msg]), FakeContext())  # type: ignore[arg-type]
+    req = keyvault_pb2.TakeRequest(sae_id="s", master_sae_id="m", key_ids=[msg.key.key_id])
+    with pytest.raises(KmstnError) as err:
+        service.Take(req, FakeContext(active=False))  # type: ignore[arg-type]
+    assert err.value.code is ErrorCode.TIMEOUT
+    with pytest.raises(KmstnError) as err:
+        service.Take(req, FakeContext(remaining=0.0))  # type: ignore[arg-type]
+    assert err.value.code is ErrorCode.TIMEOUT
+    got = service.Take(req, FakeContext())  # type: ignore[arg-type]
+    assert [k.value for k in got.keys] == [b"\x07" * 32]
 
 
 def test_servicer_wait_is_bounded_by_the_deadline(service: KeyVaultService) -> None:
