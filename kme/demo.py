@@ -13,6 +13,7 @@ key that differs from its master's, or could not get it at all.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,30 +29,58 @@ DEFAULT_PAIRS = [("SAE1", "SAE2"), ("SAE3", "SAE4"), ("SAE5", "SAE6"), ("SAE7", 
                  ("SAE8", "SAE1"), ("SAE1", "SAE8")]
 
 
-def exchange(manifest: dict[str, Any], master: str, slave: str, wait_s: float = 60.0
-             ) -> dict[str, object]:
-    m = SaeClient.from_manifest(manifest, master)
-    s = SaeClient.from_manifest(manifest, slave)
+def _once(m: SaeClient, s: SaeClient, master: str, slave: str, deadline: float
+          ) -> dict[str, Any]:
+    """One enc_keys at the master, then dec_keys at the slave; times in ms."""
     t0 = time.perf_counter()
-    deadline = time.monotonic() + wait_s
+    waits = 0
     while True:  # a 503 means the QKD devices have not made enough key yet
         status, body = m.enc_keys(slave, number=1, size=256)
         if status != 503 or time.monotonic() > deadline:
             break
+        waits += 1
         time.sleep(0.05)
-    enc_ms = (time.perf_counter() - t0) * 1000
-    row: dict[str, object] = {"pair": f"{master}->{slave}", "enc_ms": enc_ms}
+    out: dict[str, Any] = {"enc_ms": (time.perf_counter() - t0) * 1000, "waits": waits}
     if status != 200:
-        row.update(key_id="-", match=False, error=f"enc_keys {status}: {body.get('message')}")
-        return row
+        out.update(key_id="-", match=False, error=f"enc_keys {status}: {body.get('message')}")
+        return out
     key = body["keys"][0]
     status, got = s.dec_keys(master, [key["key_ID"]])
-    row.update(key_id=key["key_ID"], match=status == 200 and got["keys"][0]["key"] == key["key"],
+    out.update(key_id=key["key_ID"],
+               match=status == 200 and got["keys"][0]["key"] == key["key"],
                avail_ms=(time.perf_counter() - t0) * 1000,
                error="" if status == 200 else f"dec_keys {status}: {got.get('message')}")
-    m.close()
-    s.close()
-    return row
+    return out
+
+
+def exchange(manifest: dict[str, Any], master: str, slave: str, repeat: int = 5,
+             wait_s: float = 60.0) -> dict[str, Any]:
+    """A first (cold) exchange, then ``repeat`` more over the same connections.
+
+    The first one opens new TLS sessions at every stage on the path; the
+    others show the steady state. Every exchange must give identical keys.
+    """
+    m = SaeClient.from_manifest(manifest, master)
+    s = SaeClient.from_manifest(manifest, slave)
+    try:
+        deadline = time.monotonic() + wait_s
+        row: dict[str, Any] = {"pair": f"{master}->{slave}",
+                               **_once(m, s, master, slave, deadline)}
+        warm: list[dict[str, Any]] = []
+        while row["match"] and len(warm) < repeat:
+            warm.append(_once(m, s, master, slave, deadline))
+            if not warm[-1]["match"]:
+                row.update(match=False, error=warm[-1]["error"] or "keys differ")
+        good = [w for w in warm if w["match"]]
+        row["waits"] += sum(w["waits"] for w in warm)
+        row["exchanges"] = 1 + len(warm)
+        if good:
+            row["warm_enc_ms"] = statistics.median(w["enc_ms"] for w in good)
+            row["warm_avail_ms"] = statistics.median(w["avail_ms"] for w in good)
+        return row
+    finally:
+        m.close()
+        s.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topology", type=Path, default=Path("examples/testbed.toml"))
     p.add_argument("--state", type=Path, default=Path("state/demo"))
     p.add_argument("--keep", action="store_true", help="leave the federation running")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="warm exchanges per pair after the first (default 5)")
     args = p.parse_args(argv)
     topology = load_topology(args.topology)
     fed = Federation(args.topology, args.state)
@@ -80,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         for master, slave in DEFAULT_PAIRS:
             if master not in saes or slave not in saes:
                 continue
-            row = exchange(manifest, master, slave)
+            row = exchange(manifest, master, slave, args.repeat)
             hops, kinds = route_summary(ctx, master, slave)
             row.update(hops=hops, links=kinds)
             rows.append(row)
@@ -91,18 +122,24 @@ def main(argv: list[str] | None = None) -> int:
             left = fed.down()
             print("\nfederation stopped" + (f"; still running: {left}" if left else
                                            "; nothing left running"))
-    header = f"{'pair':<13} {'hops':>4}  {'links on the path':<31} {'key ID':<36}  " \
-             f"{'match':<5} {'enc_keys ms':>11} {'available ms':>12}"
-    print("\n" + header + "\n" + "-" * len(header))
+    nan = float("nan")
+    header = (f"{'pair':<11} {'hops':>4}  {'links on the path':<27} {'key ID (first)':<36}  "
+              f"{'match':<5} {'enc_keys ms':>18} {'available ms':>18} {'503 waits':>9}")
+    print("\n" + header + "\n" + f"{'':<83}{'first   warm p50':>18} {'first   warm p50':>18}"
+          + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r['pair']:<13} {r['hops']:>4}  {r['links']:<31} {r['key_id']:<36}  "
-              f"{'yes' if r['match'] else 'NO':<5} {r['enc_ms']:>11.1f} "
-              f"{r.get('avail_ms', float('nan')):>12.1f}"
-              + (f"  {r['error']}" if r.get("error") else ""))
+        print(f"{r['pair']:<11} {r['hops']:>4}  {r['links']:<27} {r['key_id']:<36}  "
+              f"{'yes' if r['match'] else 'NO':<5} "
+              f"{r['enc_ms']:>8.1f} {r.get('warm_enc_ms', nan):>9.1f} "
+              f"{r.get('avail_ms', nan):>8.1f} {r.get('warm_avail_ms', nan):>9.1f} "
+              f"{r['waits']:>9}" + (f"  {r['error']}" if r.get("error") else ""))
     failed = [r for r in rows if not r["match"]]
-    print(f"\n{len(rows) - len(failed)}/{len(rows)} pairs got identical keys at both ends "
-          "(latencies include waiting for the emulated devices to produce key at the "
-          "paper's rates)")
+    exchanges = sum(r.get("exchanges", 1) for r in rows)
+    print(f"\n{len(rows) - len(failed)}/{len(rows)} pairs got identical keys at both ends in "
+          f"all {exchanges} exchanges (confirmed delivery: the master gets a key once the "
+          "slave's KMSTN holds it).\n'first' opens new mutual-TLS sessions at every stage "
+          "of the path; 'warm p50' is the median of the next exchanges. '503 waits' counts "
+          "retries while the emulated devices made key at the paper's rates.")
     return 1 if failed or not rows else 0
 
 
