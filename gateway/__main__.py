@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kme import log as kmelog
-from kme.config import EX_CONFIG, ConfigError, NodeConfig, load_node_config
+from kme.config import NodeConfig, load_node_config, load_or_exit
 
 
 def _app(api: str, config: NodeConfig) -> Any:
@@ -26,14 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--api", required=True, choices=("etsi014", "etsi020"))
     parser.add_argument("--check-config", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        config = load_node_config(args.config)
-    except ConfigError as exc:
-        print(f"kmstn-gateway: configuration error: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    if args.check_config:
-        print(f"kmstn-gateway: {config.source}: configuration is valid")
-        return 0
+    config = load_or_exit("kmstn-gateway", load_node_config, args.config, args.check_config)
     service = f"gateway-{args.api}"
     kmelog.configure(service, config.node_id, config.log_level)
     log = logging.getLogger(f"kmstn.{service}")

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import sys
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 from kme.errors import ErrorCode, KmstnError
 from kme.types import NodeId, SaeId, node_id, sae_id
@@ -44,6 +45,7 @@ __all__ = [
     "TlsFiles",
     "Topology",
     "load_node_config",
+    "load_or_exit",
     "load_topology",
 ]
 
@@ -646,6 +648,31 @@ def _endpoint(t: _Table, key: str, default: Path) -> Endpoint:
             raise t.error(key, f"must be unix:PATH or tcp://HOST:PORT, got {value!r}")
         return Endpoint("tcp", hostport)
     raise t.error(key, f"must be unix:PATH or tcp://HOST:PORT, got {value!r}")
+
+
+class _Sourced(Protocol):
+    @property
+    def source(self) -> Path: ...
+
+
+_C = TypeVar("_C", bound=_Sourced)
+
+
+def load_or_exit(prog: str, load: Callable[[Path], _C], path: Path, check_only: bool) -> _C:
+    """A process's start: its configuration, or exit 78 naming file and field.
+
+    With ``check_only`` (``--check-config``) it says the file is valid and
+    exits 0 without starting anything.
+    """
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        print(f"{prog}: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
+    if check_only:
+        print(f"{prog}: {config.source}: configuration is valid")
+        raise SystemExit(0)
+    return config
 
 
 def load_node_config(path: str | Path) -> NodeConfig:

@@ -33,7 +33,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kme import log as kmelog
-from kme.config import EX_CONFIG, ConfigError, Endpoint, NodeConfig, TlsFiles, load_node_config
+from kme.config import (
+    EX_CONFIG,
+    ConfigError,
+    Endpoint,
+    NodeConfig,
+    TlsFiles,
+    load_node_config,
+    load_or_exit,
+)
 from kme.errors import ErrorCode, ErrorInterceptor, KmstnError
 
 __all__ = ["Runtime", "parse_args", "run_service", "server_credentials"]
@@ -176,14 +184,7 @@ def run_service(
 ) -> int:
     """Run one gRPC service process until SIGTERM; return its exit code."""
     args = parse_args(f"kmstn-{name}", description, argv)
-    try:
-        config = load_node_config(args.config)
-    except ConfigError as exc:
-        print(f"kmstn-{name}: configuration error: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    if args.check_config:
-        print(f"kmstn-{name}: {config.source}: configuration is valid")
-        return 0
+    config = load_or_exit(f"kmstn-{name}", load_node_config, args.config, args.check_config)
 
     kmelog.configure(name, config.node_id, config.log_level)
     log = logging.getLogger(f"kmstn.{name}")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kme import log as kmelog
-from kme.config import EX_CONFIG, ConfigError
+from kme.config import load_or_exit
 from kme.qkdsim.config import SimConfig, load_sim_config, server_context
 from kme.qkdsim.device import DeviceKme
 from kme.qkdsim.httpserver import HttpsListener
@@ -80,14 +80,7 @@ async def _run(config: SimConfig, log: logging.Logger) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    try:
-        config = load_sim_config(args.config)
-    except ConfigError as exc:
-        print(f"{PROG}: configuration error: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    if args.check_config:
-        print(f"{PROG}: {config.source}: configuration is valid")
-        return 0
+    config = load_or_exit(PROG, load_sim_config, args.config, args.check_config)
     kmelog.configure("qkdsim", config.link.id, config.log_level)
     log = logging.getLogger("kmstn.qkdsim")
     return asyncio.run(_run(config, log))

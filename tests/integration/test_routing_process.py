@@ -1,4 +1,5 @@
-"""A real ``python -m routing`` process: health, Route, link state, SIGTERM, exit 78."""
+"""A real ``python -m routing`` process (health, Route, link state, SIGTERM), and exit 78
+and --check-config for every node service."""
 
 from __future__ import annotations
 
@@ -93,20 +94,31 @@ def test_routing_process_serves_and_stops_cleanly(three_nodes: FederationFiles) 
     assert lines[-1]["msg"] == "stopped"
 
 
-def test_bad_config_exits_78_naming_the_field(three_nodes: FederationFiles) -> None:
+# Every node service starts through kme.config.load_or_exit.
+SERVICES = [["-m", "routing"], ["-m", "keyvault"], ["-m", "relay"],
+            ["-m", "gateway", "--api", "etsi014"], ["-m", "gateway", "--api", "etsi020"]]
+
+
+@pytest.mark.parametrize("service", SERVICES, ids=lambda s: "-".join(s[1:]))
+def test_bad_config_exits_78_naming_the_field(three_nodes: FederationFiles,
+                                              service: list[str]) -> None:
     node_file = three_nodes.node_file("A", gateway={"delivery": "sometimes"})
-    result = run_cli(["-m", "routing", "--config", str(node_file)])
+    result = run_cli([*service, "--config", str(node_file)])
     assert result.returncode == 78
     assert f"{node_file}: gateway.delivery: must be one of" in result.stderr
+    assert result.stderr.startswith(f"kmstn-{service[1]}: configuration error: ")
 
 
-def test_check_config(three_nodes: FederationFiles) -> None:
+@pytest.mark.parametrize("service", SERVICES, ids=lambda s: "-".join(s[1:]))
+def test_check_config(three_nodes: FederationFiles, service: list[str]) -> None:
     node_file = three_nodes.node_file("B")
-    result = run_cli(["-m", "routing", "--config", str(node_file), "--check-config"])
+    result = run_cli([*service, "--config", str(node_file), "--check-config"])
     assert result.returncode == 0, result.stderr
     assert "configuration is valid" in result.stdout
     # --check-config starts nothing: no socket appears.
-    assert not Path(load_node_config(node_file).routing_endpoint.address).exists()
+    cfg = load_node_config(node_file)
+    for endpoint in (cfg.routing_endpoint, cfg.keyvault_endpoint, cfg.relay_endpoint):
+        assert not Path(endpoint.address).exists()
 
 
 def test_replica_follows_link_changes_without_a_route_rpc(three_nodes: FederationFiles) -> None:
