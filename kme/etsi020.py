@@ -232,12 +232,17 @@ def ext_keys_json(c: ExtKeyContainer) -> bytes:
     return json.dumps(out, separators=(",", ":")).encode()
 
 
-def parse_acks(body: bytes) -> list[AckContainer]:
-    """Parse ack_containers (5.2); a single object is accepted leniently (spec note 7)."""
+def parse_acks(body: bytes, allow_empty: bool = False) -> list[AckContainer]:
+    """Parse ack_containers (5.2); a single object is accepted leniently (spec note 7).
+
+    ``allow_empty``: a synchronous answer to an all-keys void that found
+    nothing may be ``[]``; an ack sent on its own never is.
+    """
     data = _load(body, "ack_not_understood")
     if isinstance(data, dict):
         data = [data]
-    if not isinstance(data, list) or not data or len(data) > MAX_ACK_CONTAINERS:
+    if (not isinstance(data, list) or (not data and not allow_empty)
+            or len(data) > MAX_ACK_CONTAINERS):
         raise _bad("ack_not_understood", "ack_containers must be a non-empty JSON array")
     acks = []
     for raw in data:
@@ -274,10 +279,12 @@ def parse_acks(body: bytes) -> list[AckContainer]:
 
 
 def acks_json(acks: Sequence[AckContainer]) -> bytes:
+    """ack_containers (5.2); a container of more than 1024 keys goes out as several."""
     out = []
-    for a in acks:
+    parts = ((c, i) for c in acks for i in range(0, max(len(c.key_ids), 1), MAX_KEYS))
+    for a, start in parts:
         item: dict[str, Any] = {
-            "key_id_container": [{"key_id": str(k)} for k in a.key_ids],
+            "key_id_container": [{"key_id": str(k)} for k in a.key_ids[start:start + MAX_KEYS]],
             "ack_status": a.ack_status,
             "initiator_sae_id": a.initiator_sae_id,
             "target_sae_ids": list(a.target_sae_ids),

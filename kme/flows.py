@@ -548,7 +548,7 @@ class Flows:
             try:
                 result = self.relay.forward(nxt, "void", body, hop + 1, self._relay_timeout)
                 if result.http_status == 200:
-                    acks += etsi020.parse_acks(result.body)
+                    acks += etsi020.parse_acks(result.body, allow_empty=v.all_confirmation)
                 elif result.acks:
                     acks += result.acks
                 else:

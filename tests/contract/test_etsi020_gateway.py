@@ -350,6 +350,10 @@ def test_void_all_needs_confirmation_and_spares_other_pairs(trio: Trio, f: Forei
     assert dec_keys(trio, "sae-c1", "sae-f", mine).status_code == 400
     assert dec_keys(trio, "sae-c2", "sae-f", other_target).status_code == 200
     assert dec_keys(trio, "sae-c1", "sae-a1", other_master).status_code == 200
+    # Again: nothing is left to void on C, which says so with [] through B.
+    again = f.post(VOID, {**body, "all_confirmation": True})
+    assert again.status_code == 200
+    assert again.json() == []
 
 
 # -- transport edge cases ---------------------------------------------------------------------
