@@ -554,6 +554,11 @@ class Flows:
                 else:
                     raise KmstnError(ErrorCode.UNAVAILABLE, f"HTTP {result.http_status}")
             except KmstnError as exc:
+                if not v.key_ids:
+                    # An ack must name keys; "all keys" failing can only be an error.
+                    raise KmstnError(ErrorCode.UNAVAILABLE,
+                                     "the void of all keys did not reach every KMSTN "
+                                     "concerned; send it again", cause=exc.public) from exc
                 acks.append(AckContainer(v.key_ids, "failed to void", v.initiator_sae_id,
                                          tuple(saes), exc.public))
         return _merge(acks)

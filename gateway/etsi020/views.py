@@ -176,8 +176,12 @@ def _accepted(flows: Flows, peer: str, url: str, key_ids: tuple[uuid.UUID, ...],
             acks = work()
         except KmstnError as exc:
             acks = [etsi020.AckContainer(key_ids, failed_status, initiator, targets,
-                                         exc.public)]
-        _send_ack(flows, peer, url, acks)
+                                         exc.public)] if key_ids else []
+            if not key_ids:  # a void of all keys: an ack cannot name them
+                log.error("asynchronous void of all keys failed; no ack can name the keys",
+                          extra={"peer": peer, "error": exc.public, "cause": exc.cause})
+        if acks:  # nothing voided anywhere: there is nothing to acknowledge
+            _send_ack(flows, peer, url, acks)
 
     flows.in_background(later)
     return Response(status=202)

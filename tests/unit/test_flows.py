@@ -355,6 +355,19 @@ def test_void_travels_to_the_destination(paper_line: Federation) -> None:
     assert f7.dec_keys("S7", "S0", [keys[1].key_id])[0].material == keys[1].material
 
 
+def test_void_of_all_keys_fails_loudly_and_an_empty_answer_is_fine(paper_line: Federation
+                                                                   ) -> None:
+    v = etsi020.VoidContainer((), "S0", ("S7",), None, True)
+    n1 = paper_line.flows[NodeId("N1")]
+    paper_line.down.add("N6")
+    with pytest.raises(KmstnError) as err:
+        n1.void(NodeId("N0"), v, 1)
+    assert err.value.code is ErrorCode.UNAVAILABLE and "all keys" in err.value.public
+    paper_line.down.discard("N6")
+    # N7 holds nothing for this set and answers []: nothing failed.
+    assert n1.void(NodeId("N0"), v, 1) == []
+
+
 def test_csprng_source_when_a_node_has_no_qkd_link() -> None:
     fed = Federation(["pqc", "pqc"])
     try:
