@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             log.info("listening", extra={
                 "address": f"{config.node.host}:{config.node.etsi014_port}"})
-            Etsi014Server(config, load).run()
+            Etsi014Server(config, load, on_exit=lambda: log.info("stopped")).run()
     except OSError as exc:
         log.error("cannot start", extra={"error": str(exc)})
         print(f"kmstn-gateway: cannot start: {exc}", file=sys.stderr)

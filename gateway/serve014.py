@@ -31,9 +31,11 @@ def tls_context(config: NodeConfig) -> ssl.SSLContext:
 
 
 class Etsi014Server(BaseApplication):  # type: ignore[misc]
-    def __init__(self, config: NodeConfig, load_app: Callable[[], Any]) -> None:
+    def __init__(self, config: NodeConfig, load_app: Callable[[], Any],
+                 on_exit: Callable[[], None] = lambda: None) -> None:
         self._node_config = config
         self._load_app = load_app
+        self._on_exit = on_exit
         super().__init__()
 
     def load_config(self) -> None:
@@ -66,6 +68,8 @@ class Etsi014Server(BaseApplication):  # type: ignore[misc]
             "proc_name": f"kmstn-gateway014-{c.node_id}",
             "reuse_port": False,
             "preload_app": False,
+            # The arbiter leaves through sys.exit; this runs just before.
+            "on_exit": lambda _arbiter: self._on_exit(),
         }
         for key, value in settings.items():
             self.cfg.set(key, value)

@@ -105,6 +105,12 @@ def test_up_keys_over_three_hops_status_down(root: Path) -> None:
         assert not group_alive(info["pgid"]), f"{name} is still running"
     assert _processes_mentioning(str(state)) == []
     assert not (state / "pids.json").exists()
+    # Every service stopped on SIGTERM through its own shutdown, not a kill.
+    logs = sorted((state / "logs").glob("*.log"))
+    assert len(logs) == len(pids)
+    for log in logs:
+        last = json.loads(log.read_text().splitlines()[-1])
+        assert last["msg"] == "stopped", f"{log.name}: {last}"
 
 
 def test_failed_start_names_the_service_and_leaves_nothing(root: Path) -> None:
