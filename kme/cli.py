@@ -7,7 +7,7 @@
 
     kmstn pki init --dir DIR                     a throwaway CA (labs and tests)
     kmstn pki issue --dir DIR --topology FILE    certificates for a topology
-    kmstn federation up|status|down --state DIR [--topology FILE]
+    kmstn federation up|status|down|restart --state DIR [--topology FILE]
     kmstn sae get-key --state DIR --sae SAE --slave SLAVE [--number N] [--size BITS]
     kmstn sae get-key-with-ids --state DIR --sae SAE --master MASTER KEY_ID...
     kmstn bench keyrate|delay|concurrency|resources --state DIR
@@ -121,6 +121,14 @@ def cmd_federation(args: argparse.Namespace) -> int:
               f"manifest {fed.manifest_path}")
         return 0
     fed = Federation(state / "topology.toml", state)
+    if args.federation_command == "restart":
+        try:
+            fed.restart(args.service, kill=args.kill)
+        except FederationError as exc:
+            print(f"kmstn: restart failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"{args.service} restarted and healthy")
+        return 0
     if args.federation_command == "down":
         left = fed.down()
         if left:
@@ -208,8 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=180.0)
     up.add_argument("--qkd-rate-scale", type=float, default=1.0,
                     help="multiply every emulated QKD link's key rate (e.g. 1000: not limiting)")
-    for name in ("up", "status", "down"):
-        p = up if name == "up" else fed_sub.add_parser(name)
+    restart = fed_sub.add_parser(
+        "restart", help="stop one service and start it again (labs: test recovery)")
+    restart.add_argument("service", help="as in pids.json, e.g. KMSTN2/relay or QKD-1-2/qkdsim")
+    restart.add_argument("--kill", action="store_true", help="SIGKILL instead of SIGTERM")
+    for name in ("up", "status", "down", "restart"):
+        p = {"up": up, "restart": restart}.get(name) or fed_sub.add_parser(name)
         p.add_argument("--state", required=True)
         p.set_defaults(func=cmd_federation)
 

@@ -262,13 +262,7 @@ class Federation:
         try:
             for wave in self.services(topology, certs, ca):
                 for spec in wave:
-                    spec.log.parent.mkdir(parents=True, exist_ok=True)
-                    with spec.log.open("ab") as out:
-                        proc = subprocess.Popen(  # noqa: S603 - our own argv
-                            spec.argv, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=self.state,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-                    procs[spec.name] = proc
+                    procs[spec.name] = proc = self._spawn(spec)
                     pids[spec.name] = {"pid": proc.pid, "pgid": proc.pid,
                                        "log": str(spec.log), "argv": spec.argv}
                 self._save_pids(pids)
@@ -282,6 +276,44 @@ class Federation:
         manifest = self._manifest(topology, certs, ca)
         self.manifest_path.write_text(json.dumps(manifest, indent=2))
         return manifest
+
+    def _spawn(self, spec: ServiceSpec) -> subprocess.Popen[bytes]:
+        """Start one service in its own process group, appending to its log."""
+        spec.log.parent.mkdir(parents=True, exist_ok=True)
+        with spec.log.open("ab") as out:
+            return subprocess.Popen(  # noqa: S603 - our own argv
+                spec.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=self.state, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def restart(self, name: str, *, kill: bool = False, timeout: float = 60.0) -> None:
+        """Stop one running service (SIGTERM, or SIGKILL with ``kill``) and start it again.
+
+        For labs and tests of recovery: the rest of the federation keeps
+        running. Returns once the new process answers its health check.
+        """
+        pids = self._load_pids()
+        if name not in pids:
+            raise FederationError(name, "no such service here; known: " + ", ".join(pids))
+        topology = load_topology(self.topology_path)
+        ca = CertificateAuthority.load(self.state / "pki")
+        certs = issue_for_topology(ca, topology, self.state / "pki" / "certs")
+        spec = next(s for wave in self.services(topology, certs, ca) for s in wave
+                    if s.name == name)
+        pgid = pids[name]["pgid"]
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL if kill else signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while _alive(pgid) and time.monotonic() < deadline:
+            _reap()
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        _reap()
+        proc = self._spawn(spec)
+        pids[name] = {"pid": proc.pid, "pgid": proc.pid, "log": str(spec.log),
+                      "argv": spec.argv}
+        self._save_pids(pids)
+        self._wait_healthy([spec], {name: proc}, timeout)
 
     def _wait_healthy(self, wave: Iterable[ServiceSpec],
                       procs: dict[str, subprocess.Popen[bytes]], timeout: float) -> None:

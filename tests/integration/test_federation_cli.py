@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from kme.federation import group_alive
+from kme.saeclient import SaeClient
 from tests.federation import FederationFiles
 from tests.helpers import REPO, run_cli
 
@@ -111,6 +112,63 @@ def test_up_keys_over_three_hops_status_down(root: Path) -> None:
     for log in logs:
         last = json.loads(log.read_text().splitlines()[-1])
         assert last["msg"] == "stopped", f"{log.name}: {last}"
+
+
+def _exchange(state: Path, master: str, slave: str) -> str:
+    """enc_keys at the master, dec_keys at the slave: identical bytes; returns the key ID."""
+    manifest = json.loads((state / "federation.json").read_text())
+    m, s = SaeClient.from_manifest(manifest, master), SaeClient.from_manifest(manifest, slave)
+    try:
+        status, body = m.enc_keys(slave)
+        assert status == 200, body
+        key = body["keys"][0]
+        status, got = s.dec_keys(master, [key["key_ID"]])
+        assert status == 200, got
+        assert got["keys"] == [key]
+        return str(key["key_ID"])
+    finally:
+        m.close()
+        s.close()
+
+
+def test_exchanges_recover_when_services_restart(root: Path) -> None:
+    """Kill or stop any one service on a 3-hop path and start it again: the next
+    exchange works at once, and a key stored before its keyvault was killed survives."""
+    state = root / "state"
+    up = run_cli(["-m", "kme", "federation", "up", "--topology", str(_line(root, 71)),
+                  "--state", str(state)], timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    _exchange(state, "sae-w", "sae-z")  # every pool, reservation and connection in use
+    for service, kill in (("X/relay", True), ("Y/relay", False), ("W/gateway014", True),
+                          ("X/gateway020", True), ("Y/routing", True),
+                          ("QKD-Y-Z/qkdsim", True), ("W/keyvault", False)):
+        restart = run_cli(["-m", "kme", "federation", "restart", "--state", str(state),
+                           service, *(["--kill"] if kill else [])], timeout=120)
+        assert restart.returncode == 0, restart.stdout + restart.stderr
+        _exchange(state, "sae-w", "sae-z")
+        _exchange(state, "sae-z", "sae-w")
+
+    # A key the master holds (confirmed: Z stored it) outlives kill -9 of Z's keyvault.
+    manifest = json.loads((state / "federation.json").read_text())
+    w = SaeClient.from_manifest(manifest, "sae-w")
+    status, body = w.enc_keys("sae-z")
+    w.close()
+    assert status == 200, body
+    restart = run_cli(["-m", "kme", "federation", "restart", "--state", str(state),
+                       "Z/keyvault", "--kill"], timeout=120)
+    assert restart.returncode == 0, restart.stdout + restart.stderr
+    z = SaeClient.from_manifest(manifest, "sae-z")
+    status, got = z.dec_keys("sae-w", [body["keys"][0]["key_ID"]])
+    z.close()
+    assert (status, got.get("keys")) == (200, body["keys"])
+
+    unknown = run_cli(["-m", "kme", "federation", "restart", "--state", str(state), "Q/relay"])
+    assert unknown.returncode == 1 and "no such service" in unknown.stderr
+    pids = json.loads((state / "pids.json").read_text())
+    down = run_cli(["-m", "kme", "federation", "down", "--state", str(state)], timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert all(not group_alive(info["pgid"]) for info in pids.values())
+    assert _processes_mentioning(str(state)) == []
 
 
 def test_failed_start_names_the_service_and_leaves_nothing(root: Path) -> None:
