@@ -104,6 +104,10 @@ class _TlsRawIO(io.RawIOBase):
                 if exc.args and exc.args[0] in (-1, 0):  # unexpected EOF
                     return 0
                 raise ConnectionError(str(exc)) from None
+            except SSL.Error as exc:
+                if _peer_went_away(exc):
+                    return 0
+                raise ConnectionError(str(exc)) from None
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -117,6 +121,16 @@ class _TlsRawIO(io.RawIOBase):
                 self._wait(deadline, want_write=False)
             except SSL.SysCallError as exc:
                 raise ConnectionError(str(exc)) from None
+
+
+def _peer_went_away(exc: SSL.Error) -> bool:
+    """A peer that vanished without close_notify (a killed process): EOF, not an error.
+
+    OpenSSL 3 reports it as "unexpected eof while reading", or with an empty
+    error queue when the connection was reset.
+    """
+    errors = exc.args[0] if exc.args else []
+    return not errors or any("unexpected eof" in str(e).lower() for e in errors)
 
 
 class _Reader(_pyio.BufferedReader):  # type: ignore[misc]
