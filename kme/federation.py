@@ -299,16 +299,11 @@ class Federation:
         certs = issue_for_topology(ca, topology, self.state / "pki" / "certs")
         spec = next(s for wave in self.services(topology, certs, ca) for s in wave
                     if s.name == name)
-        pgid = pids[name]["pgid"]
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL if kill else signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while _alive(pgid) and time.monotonic() < deadline:
-            _reap()
-            time.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-        _reap()
+        if kill:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pids[name]["pgid"], signal.SIGKILL)
+        if self._stop({name: pids[name]}):
+            raise FederationError(name, "would not stop")
         proc = self._spawn(spec)
         pids[name] = {"pid": proc.pid, "pgid": proc.pid, "log": str(spec.log),
                       "argv": spec.argv}
