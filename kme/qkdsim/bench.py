@@ -9,7 +9,10 @@ Starts a real ``python -m kme.qkdsim`` process for one link on 127.0.0.1
 (a) enc_keys throughput with the rate not limiting (1 Gb/s, full store):
     requests/s and p50/p95 latency at concurrency 1 and 8 (threads sharing
     one client), one 256-bit key per request;
-(b) delivered rate: the link at 2,500 b/s, a client draining it
+(b) transport: one enc_keys round trip over one keep-alive connection
+    through requests, urllib3, plain http.client and kme.qkd (p50/p95), the
+    measurement behind the southbound client's choice of http.client;
+(c) delivered rate: the link at 2,500 b/s, a client draining it
     continuously (enc_keys of one 256-bit key, a 5 ms pause after each 503)
     for ``--drain-seconds``; delivered bits/s against the configured rate,
     and against what the rate model actually generated in that window (the
@@ -241,6 +244,76 @@ def throughput(bench: Bench, seconds: float) -> list[dict[str, Any]]:
     return rows
 
 
+def transports(bench: Bench, requests_n: int = 500) -> list[tuple[str, float, float]]:
+    """(b) One enc_keys round trip, one connection, per HTTP client library.
+
+    The measurement behind the southbound client's transport: the same
+    keep-alive mutual-TLS request through requests, urllib3, plain
+    http.client and kme.qkd (http.client underneath). requests and urllib3
+    are test-extra dependencies; a library that is not installed is skipped.
+    """
+    import http.client
+
+    rows: list[tuple[str, float, float]] = []
+    with bench.link(rate=1e9, block_size=1 << 20) as link:
+        device = link.device_of(link.a)
+        issued = bench.certs["A"]
+        ctx = ssl.create_default_context(cafile=str(bench.ca.cert_path))
+        ctx.check_hostname = False
+        ctx.load_cert_chain(str(issued.cert), str(issued.key))
+        url_path = "/api/v1/keys/B/enc_keys"
+        body = b'{"number":1,"size":256}'
+        headers = {"Content-Type": "application/json"}
+        calls: list[tuple[str, Any]] = []
+        try:
+            import requests
+
+            session = requests.Session()
+            session.trust_env = False
+            session.verify = str(bench.ca.cert_path)
+            session.cert = (str(issued.cert), str(issued.key))
+            url = f"https://{device.host}:{device.port}{url_path}"
+            calls.append(("requests.Session", lambda: session.post(
+                url, data=body, headers=headers, timeout=5).raise_for_status()))
+        except ImportError:
+            print("    requests: not installed (test extra), skipped")
+        try:
+            import urllib3
+
+            pool = urllib3.HTTPSConnectionPool(device.host, device.port, ssl_context=ctx,
+                                               maxsize=1, retries=False, timeout=5.0)
+
+            def via_urllib3() -> None:
+                if pool.request("POST", url_path, body=body, headers=headers).status != 200:
+                    raise RuntimeError("enc_keys failed")
+            calls.append(("urllib3 pool", via_urllib3))
+        except ImportError:
+            print("    urllib3: not installed (test extra), skipped")
+        conn = http.client.HTTPSConnection(device.host, device.port, context=ctx, timeout=5)
+
+        def via_http_client() -> None:
+            conn.request("POST", url_path, body, headers)
+            resp = conn.getresponse()
+            json.loads(resp.read())
+            if resp.status != 200:
+                raise RuntimeError("enc_keys failed")
+        calls.append(("http.client", via_http_client))
+        client = bench.client(link)
+        calls.append(("kme.qkd (node's client)", lambda: client.enc_keys(1, 256)))
+        for name, call in calls:
+            for _ in range(20):  # connection and handshake outside the measurement
+                call()
+            times = []
+            for _ in range(requests_n):
+                t0 = time.perf_counter()
+                call()
+                times.append((time.perf_counter() - t0) * 1000)
+            rows.append((name, statistics.median(times), statistics.quantiles(times, n=20)[18]))
+        client.close()
+        conn.close()
+    return rows
+
+
 def drain(bench: Bench, seconds: float, rate: float, block_size: int, shape: float,
           seed: int) -> dict[str, float]:
     with bench.link(rate=rate, block_size=block_size, arrival_shape=shape, seed=seed) as link:
@@ -306,8 +379,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['requests_per_s']:6.0f} req/s  "
                   f"p50 {row['p50_ms']:.2f} ms  p95 {row['p95_ms']:.2f} ms  "
                   f"({row['requests']:.0f} requests, {row['errors']:.0f} errors)")
+        print("(b) transport: one enc_keys round trip over one keep-alive mutual-TLS "
+              "connection, by client library")
+        for name, p50, p95 in transports(bench, 100 if args.quick else 500):
+            print(f"    {name:<28} p50 {p50:.3f} ms  p95 {p95:.3f} ms")
         r = drain(bench, drain_seconds, args.rate, args.block_size, args.shape, args.seed)
-        print(f"(b) delivered rate, {r['seconds']:.0f} s continuous drain, blocks of "
+        print(f"(c) delivered rate, {r['seconds']:.0f} s continuous drain, blocks of "
               f"{args.block_size} bits, gamma shape {args.shape}, seed {args.seed}")
         print(f"    configured {r['configured_bps']:.0f} b/s  delivered "
               f"{r['delivered_bps']:.0f} b/s ({r['delivered_vs_configured_pct']:.1f}% of "
