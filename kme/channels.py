@@ -17,9 +17,17 @@ _Resp = TypeVar("_Resp")
 
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    # Fail fast and reconnect quickly when a local service restarts.
+    # Reconnect quickly when a neighbour's relay restarts.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
+]
+# A service of this node behind a unix socket: trying again costs nothing, so
+# a restarted service is reached again within half a second.
+LOCAL_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 500),
 ]
 
 
@@ -38,7 +46,7 @@ def mtls_channel(target: str, tls: TlsFiles, server_name: str | None = None) -> 
 
 def endpoint_channel(endpoint: Endpoint, tls: TlsFiles) -> grpc.Channel:
     if endpoint.scheme == "unix":
-        return grpc.insecure_channel(endpoint.grpc_target, options=CHANNEL_OPTIONS)
+        return grpc.insecure_channel(endpoint.grpc_target, options=LOCAL_OPTIONS)
     return mtls_channel(endpoint.address, tls)
 
 
@@ -49,9 +57,16 @@ def internal_channel(
     return endpoint_channel(config.endpoint(service), config.tls)
 
 
-def call(method: Callable[..., _Resp], request: object, timeout: float) -> _Resp:
-    """Call a unary RPC with a deadline; a failure raises the server's KmstnError."""
+def call(method: Callable[..., _Resp], request: object, timeout: float, *,
+         wait_for_ready: bool = True) -> _Resp:
+    """Call a unary RPC with a deadline; a failure raises the server's KmstnError.
+
+    By default the call waits, within its deadline, for a channel that is
+    reconnecting: a service of this node that restarts costs a short wait,
+    not a failed request. Calls to neighbours pass ``wait_for_ready=False``
+    and fail at once when the neighbour cannot be reached.
+    """
     try:
-        return method(request, timeout=timeout)
+        return method(request, timeout=timeout, wait_for_ready=wait_for_ready)
     except grpc.RpcError as err:
         raise from_rpc_error(err) from None

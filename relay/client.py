@@ -84,7 +84,7 @@ class RelayPeerClient:
 
     def public_keys(self, count: int) -> list[OneTimeKey]:
         resp = call(self._stub.PublicKeys, relay_pb2.PublicKeysRequest(count=count),
-                    self._timeout)
+                    self._timeout, wait_for_ready=False)
         out = []
         for k in resp.keys:
             try:
@@ -98,9 +98,10 @@ class RelayPeerClient:
     def reserve_qkd_keys(self, key_ids: Sequence[uuid.UUID]) -> int:
         """Announce QKD keys taken from the shared device; returns how long they are held."""
         req = relay_pb2.ReserveQkdKeysRequest(key_ids=[str(k) for k in key_ids])
-        return int(call(self._stub.ReserveQkdKeys, req, self._timeout).ttl_seconds)
+        return int(call(self._stub.ReserveQkdKeys, req, self._timeout,
+                        wait_for_ready=False).ttl_seconds)
 
     def encapsulated(self, session: uuid.UUID, ciphertext: bytes) -> None:
         call(self._stub.Encapsulated,
              relay_pb2.EncapsulatedRequest(session_id=str(session), ciphertext=ciphertext),
-             self._timeout)
+             self._timeout, wait_for_ready=False)

@@ -139,8 +139,9 @@ def test_exchanges_recover_when_services_restart(root: Path) -> None:
                   "--state", str(state)], timeout=300)
     assert up.returncode == 0, up.stdout + up.stderr
     _exchange(state, "sae-w", "sae-z")  # every pool, reservation and connection in use
-    for service, kill in (("X/relay", True), ("Y/relay", False), ("W/gateway014", True),
-                          ("X/gateway020", True), ("Y/routing", True),
+    for service, kill in (("X/relay", True), ("Y/relay", False), ("W/relay", True),
+                          ("W/gateway014", True), ("Z/gateway014", False),
+                          ("X/gateway020", True), ("Y/routing", True), ("W/routing", False),
                           ("QKD-Y-Z/qkdsim", True), ("W/keyvault", False)):
         restart = run_cli(["-m", "kme", "federation", "restart", "--state", str(state),
                            service, *(["--kill"] if kill else [])], timeout=120)
