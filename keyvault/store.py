@@ -540,7 +540,8 @@ class Vault:
         allowed SAEs) are touched; anything else is reported as not present,
         so a void reveals nothing about other SAEs' keys. A key that any SAE
         already took cannot be voided (``failed to void``) and stays for the
-        SAEs that have not taken it yet.
+        SAEs that have not taken it yet. A key ID not held at all is reported
+        as not present and tombstoned, so a copy still on its way is refused.
         """
         ids = list(dict.fromkeys(str(k) for k in key_ids))
         if not ids and not all_confirmation:
@@ -584,6 +585,10 @@ class Vault:
                     (failed if tomb[0] == "taken" else voided).append(key_id)
                     continue
                 absent.append(key_id)
+                if row is None and tomb is None:
+                    # Voided before it arrived (the void overtook a delivery
+                    # that failed on the way back): it must never be stored.
+                    bury.append((key_id, initiator, sorted(wanted)))
             self._bury(conn, bury, "voided", now)
         return VoidOutcome(tuple(uuid.UUID(k) for k in voided),
                            tuple(uuid.UUID(k) for k in failed),

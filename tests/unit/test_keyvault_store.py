@@ -160,6 +160,19 @@ def test_void(vault: Vault) -> None:
     assert vault.holds("s", "x", [other_master.key_id]) == {other_master.key_id}
 
 
+def test_a_void_that_overtakes_its_key_keeps_the_key_out(vault: Vault) -> None:
+    """The void after a failed delivery can reach a node before the copy that was
+    still on its way: the ID is tombstoned, so the late copy is refused."""
+    late = key()
+    out = vault.void([late.key_id], "m", ["s"])
+    assert out.not_present == (late.key_id,)
+    assert code_of(vault.store, [rec(late)]) is ErrorCode.KEY_CONFLICT
+    assert code_of(vault.take, "s", "m", [late.key_id]) is ErrorCode.KEY_NOT_FOUND
+    assert vault.status() == ({}, 0)
+    # Voiding it again reports it voided: it is.
+    assert vault.void([late.key_id], "m", ["s"]).voided == (late.key_id,)
+
+
 def test_expiry_sweep(vault: Vault, clock: Clock) -> None:
     soon, late = key(), key()
     vault.store([rec(soon, ttl=10), rec(late, ttl=100)])
