@@ -42,9 +42,11 @@ state) cannot circulate keys forever.
 from __future__ import annotations
 
 import functools
+import heapq
 import json
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -69,6 +71,7 @@ __all__ = [
     "ForwardResult",
     "OpenedMessage",
     "RelayPort",
+    "Retrier",
     "RoutingPort",
     "VaultPort",
 ]
@@ -168,6 +171,77 @@ class _Plan:
     remote: dict[NodeId, tuple[NodeId, tuple[str, ...]]]  # dest -> (next hop, targets)
 
 
+class Retrier:
+    """Runs failed background jobs again later, on one thread, with growing delays.
+
+    Used for ETSI 020 voids after a failed delivery (rule 6.3): a copy that
+    reached a node whose path then broke must still be voided once the path
+    is back. A job returns normally when done and raises KmstnError to be
+    tried again; after the last delay it is given up and logged.
+    """
+
+    def __init__(self, log: logging.Logger, delays: Sequence[float] = (0.5, 1, 2, 4, 8, 16),
+                 limit: int = 10_000) -> None:
+        self._log = log
+        self._delays = tuple(delays)
+        self._limit = limit
+        self._heap: list[tuple[float, int, int, Callable[[], None], dict[str, Any]]] = []
+        self._seq = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None], about: dict[str, Any]) -> None:
+        """Run ``job`` after the first delay, and again while it fails."""
+        self._schedule(job, about, 0)
+
+    def _schedule(self, job: Callable[[], None], about: dict[str, Any], attempt: int) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            if len(self._heap) >= self._limit:
+                self._log.error("retry queue full; job dropped", extra=about)
+                return
+            due = time.monotonic() + self._delays[attempt]
+            heapq.heappush(self._heap, (due, self._seq, attempt, job, about))
+            self._seq += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="flows-retry",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and (
+                        not self._heap or self._heap[0][0] > time.monotonic()):
+                    self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                if self._closed:
+                    return
+                _, _, attempt, job, about = heapq.heappop(self._heap)
+            try:
+                job()
+            except KmstnError as exc:
+                if attempt + 1 < len(self._delays):
+                    self._schedule(job, about, attempt + 1)
+                else:
+                    self._log.error("gave up after retries", extra={
+                        **about, "attempts": attempt + 2, "error_code": exc.code.name,
+                        "error": exc.public})
+            except Exception:
+                self._log.exception("retried job crashed", extra=about)
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._heap)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+
 class Flows:
     MAX_SAE_ID_COUNT = 8
 
@@ -183,6 +257,7 @@ class Flows:
         self.devices = devices
         self.log = log or logging.getLogger("kmstn.flows")
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="flows")
+        self._retrier = Retrier(self.log)
         self._relay_timeout = config.gateway.relay_timeout_ms / 1000
         self._qkd_links = {link.other(self.node): link for link in self.topology.qkd_links
                            if self.node in (link.a, link.b)}
@@ -200,6 +275,7 @@ class Flows:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
+        self._retrier.close()
 
     # -- identities ------------------------------------------------------------
 
@@ -415,25 +491,47 @@ class Flows:
     def _void_everywhere(self, keys: Sequence[Key], master: str,
                          by_dest: dict[NodeId, list[str]], placed: Sequence[NodeId],
                          failures: dict[NodeId, KmstnError]) -> None:
-        """ETSI 020 rule 6.3: after a failure, void every copy that may exist."""
+        """ETSI 020 rule 6.3: after a failure, void every copy that may exist.
+
+        A destination that cannot be reached now is tried again later (the
+        copy may have arrived just before the path broke).
+        """
         ids = tuple(k.key_id for k in keys)
         for dest, saes in by_dest.items():
             failed = failures.get(dest)
             if failed is not None and failed.reason == "refused":
                 continue  # 400/401: the neighbour kept nothing (rule 6.2)
+            void = functools.partial(self._void_at, dest, ids, master, tuple(saes))
+            about = {"destination": dest, "key_ids": [str(k) for k in ids]}
             try:
-                if dest == self.node:
-                    self.vault.void(ids, master, saes)
-                    continue
-                hop = _next_hop(self.routing.route_to_node(dest))
-                body = etsi020.void_json(VoidContainer(ids, master, tuple(saes)))
-                self.relay.forward(hop, "void", body, 1, self._relay_timeout)
+                void()
             except KmstnError as exc:
-                self.log.error("void after failed delivery did not finish", extra={
-                    "destination": dest, "error_code": exc.code.name, "error": exc.public,
-                    "key_ids": [str(k) for k in ids]})
+                if exc.code in _TRANSIENT:
+                    self.log.warning("void after failed delivery will be retried", extra={
+                        **about, "error_code": exc.code.name, "error": exc.public})
+                    self._retrier.submit(void, about)
+                else:
+                    self.log.error("void after failed delivery did not finish", extra={
+                        **about, "error_code": exc.code.name, "error": exc.public})
         self.log.warning("keys voided after a failed delivery", extra={
             "key_ids": [str(k) for k in ids], "failed": sorted(failures), "placed": list(placed)})
+
+    def _void_at(self, dest: NodeId, ids: tuple[uuid.UUID, ...], master: str,
+                 saes: tuple[str, ...]) -> None:
+        """Void ``ids`` for ``saes`` at ``dest``; raises unless the answer is final."""
+        if dest == self.node:
+            self.vault.void(ids, master, saes)
+            return
+        hop = _next_hop(self.routing.route_to_node(dest))
+        result = self.relay.forward(hop, "void", etsi020.void_json(VoidContainer(ids, master,
+                                                                                 saes)),
+                                    1, self._relay_timeout)
+        if result.http_status in (400, 401):
+            raise KmstnError(ErrorCode.INVALID_ARGUMENT, "the void was refused",
+                             cause=result.body[:512].decode("utf-8", "replace"))
+        if result.http_status != 200 and not result.acks:
+            # 503 or no answer: some node on the way could not pass it on.
+            raise KmstnError(ErrorCode.UNAVAILABLE, f"void answered HTTP {result.http_status}")
 
     # -- ETSI 014: dec_keys ----------------------------------------------------------
 
@@ -554,11 +652,14 @@ class Flows:
                 else:
                     raise KmstnError(ErrorCode.UNAVAILABLE, f"HTTP {result.http_status}")
             except KmstnError as exc:
-                if not v.key_ids:
-                    # An ack must name keys; "all keys" failing can only be an error.
+                if not v.key_ids or exc.code in _TRANSIENT:
+                    # Unreachable for now: a 503 says "send it again" (voids are
+                    # idempotent). An ack must name keys, so "all keys" failing
+                    # can only be an error.
+                    what = "the void of all keys" if not v.key_ids else "the void"
                     raise KmstnError(ErrorCode.UNAVAILABLE,
-                                     "the void of all keys did not reach every KMSTN "
-                                     "concerned; send it again", cause=exc.public) from exc
+                                     f"{what} did not reach every KMSTN concerned; "
+                                     "send it again", cause=exc.public) from exc
                 acks.append(AckContainer(v.key_ids, "failed to void", v.initiator_sae_id,
                                          tuple(saes), exc.public))
         return _merge(acks)
@@ -609,6 +710,10 @@ def _retry_briefly(fn: Callable[[], list[Key]], attempts: int = 5,
                 raise
             time.sleep(delay * (2 ** i))
     raise AssertionError("unreachable")
+
+
+# Failures that may pass: the void (or delivery) is worth sending again.
+_TRANSIENT = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT, ErrorCode.NO_ROUTE})
 
 
 def _next_hop(route: RouteLike) -> NodeId:

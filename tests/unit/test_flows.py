@@ -8,8 +8,10 @@ The real services are tested with real processes in tests/integration.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +33,14 @@ from kme.config import (
     Topology,
 )
 from kme.errors import ErrorCode, KmstnError
-from kme.flows import DeviceKeysNotice, Flows, ForwardResult, OpenedMessage, StoreRequest
+from kme.flows import (
+    DeviceKeysNotice,
+    Flows,
+    ForwardResult,
+    OpenedMessage,
+    Retrier,
+    StoreRequest,
+)
 from kme.types import Key, NodeId, SaeId, SecretBytes
 from routing.graph import RoutingTable
 
@@ -299,6 +308,54 @@ def test_confirmed_mode_failure_gives_503_and_voids_placed_copies(paper_line: Fe
     f0._pool.submit(lambda: None).result()
     f0.close()
     assert not paper_line.vaults[NodeId("N3")].keys
+
+
+def _until(check: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_a_void_that_cannot_pass_is_sent_again_when_the_path_is_back(
+        paper_line: Federation) -> None:
+    f0 = paper_line.flows[NodeId("N0")]
+    paper_line.down.add("N6")
+    with pytest.raises(KmstnError) as err:
+        f0.enc_keys("S0", "S7", 1, 256)
+    assert err.value.code is ErrorCode.UNAVAILABLE
+    # The void toward N7 cannot pass N5 either: it waits for another try.
+    _until(lambda: f0._retrier.pending() == 1)
+    voids_to_n6 = lambda: paper_line.relays[NodeId("N5")].sent.count(("N6", "void"))  # noqa: E731
+    tried = voids_to_n6()
+    assert tried >= 1
+    paper_line.down.discard("N6")
+    _until(lambda: f0._retrier.pending() == 0 and voids_to_n6() > tried)
+
+
+def test_retrier_tries_again_with_growing_delays_then_gives_up() -> None:
+    log = logging.getLogger("test.retrier")
+    retrier = Retrier(log, delays=(0.01, 0.02, 0.04))
+    calls: list[float] = []
+
+    def flaky() -> None:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise KmstnError(ErrorCode.UNAVAILABLE, "not yet")
+
+    never: list[int] = []
+
+    def hopeless() -> None:
+        never.append(1)
+        raise KmstnError(ErrorCode.TIMEOUT, "never")
+
+    retrier.submit(flaky, {"job": "flaky"})
+    retrier.submit(hopeless, {"job": "hopeless"})
+    _until(lambda: len(calls) == 3 and len(never) == 3 and retrier.pending() == 0)
+    assert calls[1] - calls[0] >= 0.02 and calls[2] - calls[1] >= 0.04
+    time.sleep(0.1)
+    assert (len(calls), len(never)) == (3, 3)  # done, and given up after the last delay
+    retrier.close()
 
 
 def test_concurrent_mode_delivers_at_once_and_slave_waits() -> None:
