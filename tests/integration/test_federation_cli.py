@@ -13,11 +13,16 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
+from keyvault.client import KeyVaultClient
 from kme.federation import group_alive
 from kme.saeclient import SaeClient
 from tests.federation import FederationFiles
@@ -170,6 +175,63 @@ def test_exchanges_recover_when_services_restart(root: Path) -> None:
     assert down.returncode == 0, down.stdout + down.stderr
     assert all(not group_alive(info["pgid"]) for info in pids.values())
     assert _processes_mentioning(str(state)) == []
+
+
+def test_under_restarts_each_key_a_master_got_is_delivered_once_and_none_is_left(
+        root: Path) -> None:
+    """Three masters request keys without pause while services on the path are killed
+    and restarted: some requests fail (503), but every key a master got is delivered
+    once, with its bytes, and every copy of a failed request is voided in the end."""
+    state = root / "state"
+    up = run_cli(["-m", "kme", "federation", "up", "--topology", str(_line(root, 75)),
+                  "--state", str(state)], timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    manifest = json.loads((state / "federation.json").read_text())
+    got: list[dict[str, Any]] = []
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def master() -> None:
+        client = SaeClient.from_manifest(manifest, "sae-w")
+        while not stop.is_set():
+            status, body = client.enc_keys("sae-z")
+            statuses.append(status)
+            if status == 200:
+                got.extend(body["keys"])
+        client.close()
+
+    threads = [threading.Thread(target=master) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        for service, kill in (("X/relay", True), ("Y/gateway020", True),
+                              ("Z/keyvault", True), ("Y/relay", False)):
+            restart = run_cli(["-m", "kme", "federation", "restart", "--state", str(state),
+                               service, *(["--kill"] if kill else [])], timeout=120)
+            assert restart.returncode == 0, restart.stdout + restart.stderr
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert set(statuses) <= {200, 503}, sorted(set(statuses))
+    assert statuses.count(200) > 50 and statuses.count(503) > 0  # faults were hit
+    slave = SaeClient.from_manifest(manifest, "sae-z")
+    for key in got:
+        status, body = slave.dec_keys("sae-w", [key["key_ID"]])
+        assert (status, body.get("keys")) == (200, [key])
+        assert slave.dec_keys("sae-w", [key["key_ID"]])[0] == 400  # once only
+    slave.close()
+    # Copies placed for requests that failed are voided (retried until the path is back).
+    vaults = {node: KeyVaultClient(grpc.insecure_channel(f"unix:{state}/run/{node}/keyvault.sock"))
+              for node in "WXYZ"}
+    deadline = time.monotonic() + 60
+    while any(v.total_keys() for v in vaults.values()):
+        assert time.monotonic() < deadline, {n: v.total_keys() for n, v in vaults.items()}
+        time.sleep(0.5)
+    down = run_cli(["-m", "kme", "federation", "down", "--state", str(state)], timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
 
 
 def test_failed_start_names_the_service_and_leaves_nothing(root: Path) -> None:
