@@ -172,46 +172,53 @@ class _Plan:
 
 
 class Retrier:
-    """Runs failed background jobs again later, on one thread, with growing delays.
+    """Runs failed background jobs again later, with growing delays.
 
-    Used for ETSI 020 voids after a failed delivery (rule 6.3): a copy that
-    reached a node whose path then broke must still be voided once the path
-    is back. A job returns normally when done and raises KmstnError to be
-    tried again; after the last delay it is given up and logged.
+    Used after a failed delivery: the ETSI 020 void of every copy (rule 6.3),
+    which must still reach a node once the path to it is back, and in
+    concurrent mode the delivery itself. A job returns normally when done
+    and raises KmstnError when it failed; a failure that may pass (node or
+    path unreachable, timeout) is tried again after the next delay, any
+    other failure, or the last delay, gives up: ``on_give_up`` gets the
+    last error, or it is logged. One thread keeps the schedule; the attempts
+    run on ``run`` (the flows' pool), so a slow attempt delays no other.
     """
 
     def __init__(self, log: logging.Logger, delays: Sequence[float] = (0.5, 1, 2, 4, 8, 16),
-                 limit: int = 10_000) -> None:
+                 limit: int = 10_000,
+                 run: Callable[[Callable[[], None]], object] | None = None) -> None:
         self._log = log
         self._delays = tuple(delays)
         self._limit = limit
-        self._heap: list[tuple[float, int, int, Callable[[], None], dict[str, Any]]] = []
+        self._run_attempt = run or (lambda fn: fn())
+        self._heap: list[tuple[float, int, int, _RetryJob]] = []
         self._seq = 0
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
 
-    def submit(self, job: Callable[[], None], about: dict[str, Any]) -> None:
+    def submit(self, job: Callable[[], None], about: dict[str, Any],
+               on_give_up: Callable[[KmstnError], None] | None = None) -> None:
         """Run ``job`` after the first delay, and again while it fails."""
-        self._schedule(job, about, 0)
+        self._schedule(_RetryJob(job, about, on_give_up), 0)
 
-    def _schedule(self, job: Callable[[], None], about: dict[str, Any], attempt: int) -> None:
+    def _schedule(self, job: _RetryJob, attempt: int) -> None:
         with self._cond:
             if self._closed:
                 return
             if len(self._heap) >= self._limit:
-                self._log.error("retry queue full; job dropped", extra=about)
+                self._log.error("retry queue full; job dropped", extra=job.about)
                 return
             due = time.monotonic() + self._delays[attempt]
-            heapq.heappush(self._heap, (due, self._seq, attempt, job, about))
+            heapq.heappush(self._heap, (due, self._seq, attempt, job))
             self._seq += 1
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="flows-retry",
-                                                daemon=True)
+                self._thread = threading.Thread(target=self._keep_schedule,
+                                                name="flows-retry", daemon=True)
                 self._thread.start()
             self._cond.notify()
 
-    def _run(self) -> None:
+    def _keep_schedule(self) -> None:
         while True:
             with self._cond:
                 while not self._closed and (
@@ -219,18 +226,26 @@ class Retrier:
                     self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
                 if self._closed:
                     return
-                _, _, attempt, job, about = heapq.heappop(self._heap)
+                _, _, attempt, job = heapq.heappop(self._heap)
             try:
-                job()
-            except KmstnError as exc:
-                if attempt + 1 < len(self._delays):
-                    self._schedule(job, about, attempt + 1)
-                else:
-                    self._log.error("gave up after retries", extra={
-                        **about, "attempts": attempt + 2, "error_code": exc.code.name,
-                        "error": exc.public})
-            except Exception:
-                self._log.exception("retried job crashed", extra=about)
+                self._run_attempt(functools.partial(self._attempt, job, attempt))
+            except RuntimeError:  # the pool shut down: the flows are closing
+                return
+
+    def _attempt(self, job: _RetryJob, attempt: int) -> None:
+        try:
+            job.fn()
+        except KmstnError as exc:
+            if exc.code in _TRANSIENT and attempt + 1 < len(self._delays):
+                self._schedule(job, attempt + 1)
+            elif job.on_give_up is not None:
+                job.on_give_up(exc)
+            else:
+                self._log.error("gave up after retries", extra={
+                    **job.about, "attempts": attempt + 2, "error_code": exc.code.name,
+                    "error": exc.public})
+        except Exception:
+            self._log.exception("retried job crashed", extra=job.about)
 
     def pending(self) -> int:
         with self._cond:
@@ -240,6 +255,13 @@ class Retrier:
         with self._cond:
             self._closed = True
             self._cond.notify()
+
+
+@dataclass(frozen=True)
+class _RetryJob:
+    fn: Callable[[], None]
+    about: dict[str, Any]
+    on_give_up: Callable[[KmstnError], None] | None
 
 
 class Flows:
@@ -257,7 +279,7 @@ class Flows:
         self.devices = devices
         self.log = log or logging.getLogger("kmstn.flows")
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="flows")
-        self._retrier = Retrier(self.log)
+        self._retrier = Retrier(self.log, run=self._pool.submit)
         self._relay_timeout = config.gateway.relay_timeout_ms / 1000
         self._qkd_links = {link.other(self.node): link for link in self.topology.qkd_links
                            if self.node in (link.a, link.b)}
@@ -274,8 +296,8 @@ class Flows:
         self._pool.submit(guarded)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=False)
         self._retrier.close()
+        self._pool.shutdown(wait=True, cancel_futures=False)
 
     # -- identities ------------------------------------------------------------
 
@@ -433,13 +455,24 @@ class Flows:
 
     def _background(self, dest: NodeId, job: Callable[[], None], keys: Sequence[Key],
                     master: str, by_dest: dict[NodeId, list[str]]) -> None:
+        about = {"destination": dest, "key_ids": [str(k.key_id) for k in keys]}
+
+        def give_up(exc: KmstnError) -> None:
+            self.log.error("concurrent delivery failed", extra={
+                **about, "error_code": exc.code.name, "error": exc.public, "cause": exc.cause})
+            self._void_everywhere(keys, master, {dest: by_dest[dest]}, [], {dest: exc})
+
         try:
             job()
         except KmstnError as exc:
-            self.log.error("concurrent delivery failed", extra={
-                "destination": dest, "error_code": exc.code.name, "error": exc.public,
-                "cause": exc.cause, "key_ids": [str(k.key_id) for k in keys]})
-            self._void_everywhere(keys, master, {dest: by_dest[dest]}, [], {dest: exc})
+            if exc.code not in _TRANSIENT:
+                give_up(exc)
+                return
+            # The master already holds the keys: keep trying to deliver them
+            # (a resent ext_keys is idempotent at the destination).
+            self.log.warning("concurrent delivery failed; will retry", extra={
+                **about, "error_code": exc.code.name, "error": exc.public})
+            self._retrier.submit(job, about, on_give_up=give_up)
         except Exception:
             self.log.exception("concurrent delivery crashed", extra={"destination": dest})
 

@@ -370,6 +370,23 @@ def test_concurrent_mode_delivers_at_once_and_slave_waits() -> None:
         fed.close()
 
 
+def test_concurrent_mode_keeps_delivering_while_the_path_is_down() -> None:
+    """The master already holds the keys: a delivery that fails on a broken path is
+    sent again until the path is back, rather than voided at the first failure."""
+    fed = Federation(["qkd", "pqc", "qkd"], delivery="concurrent")
+    try:
+        f0, f3 = fed.flows[NodeId("N0")], fed.flows[NodeId("N3")]
+        fed.down.add("N2")
+        keys = f0.enc_keys("S0", "S3", 1, 256)
+        _until(lambda: f0._retrier.pending() == 1)
+        assert not fed.vaults[NodeId("N3")].keys
+        fed.down.discard("N2")
+        _until(lambda: bool(fed.vaults[NodeId("N3")].keys))
+        assert f3.dec_keys("S3", "S0", [keys[0].key_id])[0].material == keys[0].material
+    finally:
+        fed.close()
+
+
 def test_ext_keys_refuses_routes_back_and_mandatory_extensions(paper_line: Federation) -> None:
     f3 = paper_line.flows[NodeId("N3")]
     key = etsi020.ExtKey(uuid.uuid4(), SecretBytes(bytes(32)))
