@@ -15,9 +15,9 @@ from kme.config import NodeConfig, load_node_config, load_or_exit
 
 def _app(api: str, config: NodeConfig) -> Any:
     from gateway.app import create_app
-    from gateway.deps import build_flows
+    from gateway.deps import build_edge
 
-    return create_app(api, config, build_flows(config))  # type: ignore[arg-type]
+    return create_app(api, config, build_edge(config, api))  # type: ignore[arg-type]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

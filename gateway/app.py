@@ -12,11 +12,11 @@ from typing import Any, Literal
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
+from gateway.deps import Edge
 from gateway.errors import etsi014_error, etsi020_problem
 from kme import log as kmelog
 from kme.config import NodeConfig
 from kme.errors import ErrorCode, KmstnError
-from kme.flows import Flows
 
 __all__ = ["Api", "create_app", "json_response"]
 
@@ -34,12 +34,12 @@ def openapi_document(api: Api) -> bytes:
     return resources.files("gateway").joinpath(f"openapi/{api}.yaml").read_bytes()
 
 
-def create_app(api: Api, config: NodeConfig, flows: Flows) -> Flask:
-    """One Flask app per listener; ``flows`` carries the node's service clients."""
+def create_app(api: Api, config: NodeConfig, edge: Edge) -> Flask:
+    """One Flask app per listener; ``edge`` carries the node's service clients."""
     app = Flask(f"kmstn-{api}")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["kmstn.config"] = config
-    app.config["kmstn.flows"] = flows
+    app.config["kmstn.edge"] = edge
     log = logging.getLogger(f"kmstn.gateway.{api}")
     render: Callable[[KmstnError], Response]
 

@@ -306,8 +306,10 @@ class PeerHttpClient:
                     exc, (ConnectionError, SSL.Error, OSError))
                 if attempt == 1 and stale:
                     continue
+                # Sent but unanswered: the peer may still be acting on it.
                 raise KmstnError(ErrorCode.UNAVAILABLE, "peer connection failed",
-                                 cause=f"{host}:{port} sent={started}: {exc!r}") from None
+                                 cause=f"{host}:{port} sent={started}: {exc!r}",
+                                 reason="in_doubt" if started else None) from None
             if resp_headers.get("connection", "").lower() == "close":
                 conn.close()
             else:

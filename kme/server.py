@@ -95,6 +95,7 @@ class Runtime:
         self.server = self._new_server(max_workers)
         self._extra: list[tuple[grpc.Server, str]] = []
         self._closers: list[Callable[[], None]] = []
+        self._starters: list[Callable[[], object]] = []
         self._service_names: list[str] = [""]
 
     def _new_server(self, max_workers: int) -> grpc.Server:
@@ -110,6 +111,10 @@ class Runtime:
     def serving(self, full_service_name: str) -> None:
         """Report this gRPC service name in the health service."""
         self._service_names.append(full_service_name)
+
+    def on_start(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` once the servers are started (e.g. resume pending work)."""
+        self._starters.append(fn)
 
     def on_stop(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` at shutdown, after the servers stopped (last added, first run)."""
@@ -161,6 +166,12 @@ class Runtime:
             server.start()
         for name in self._service_names:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        for fn in self._starters:
+            try:
+                fn()
+            except KmstnError as exc:
+                self.log.error("start-up step failed", extra={
+                    "error_code": exc.code.name, "error": exc.public, "cause": exc.cause})
 
     def stop(self) -> None:
         self.health.enter_graceful_shutdown()
@@ -180,7 +191,7 @@ def run_service(
     description: str,
     build: Callable[[Runtime], None],
     argv: Sequence[str] | None = None,
-    max_workers: int = 32,
+    max_workers: int | Callable[[NodeConfig], int] = 32,
 ) -> int:
     """Run one gRPC service process until SIGTERM; return its exit code."""
     args = parse_args(f"kmstn-{name}", description, argv)
@@ -197,7 +208,8 @@ def run_service(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    runtime = Runtime(name, config, log, max_workers)
+    workers = max_workers(config) if callable(max_workers) else max_workers
+    runtime = Runtime(name, config, log, workers)
     try:
         build(runtime)
         address = runtime.bind_internal(config.endpoint(name))  # type: ignore[arg-type]

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import hmac
 import re
+import time
 import uuid
 from dataclasses import dataclass
-from typing import NewType, NoReturn
+from typing import ClassVar, NewType, NoReturn
 
 from kme.errors import ErrorCode, KmstnError
 
 __all__ = [
+    "Deadline",
     "Key",
+    "KeyGrant",
     "NodeId",
     "SaeId",
     "SecretBytes",
@@ -171,3 +175,69 @@ class Key:
             raise ValueError(
                 f"key {self.key_id}: {len(self.material)} bytes do not hold {self.size_bits} bits"
             )
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """The one absolute deadline of a request, as it travels along the path.
+
+    Wall-clock milliseconds since the Unix epoch, so that it means the same
+    at every node (kmstn nodes keep their clocks in step with NTP). Each node
+    works on a request only until its deadline and hands the next hop a
+    slightly earlier one (:meth:`for_next_hop`), so a node downstream always
+    gives up before the node that waits for it: nobody voids a key while a
+    node further on may still be storing it, and nobody keeps working for a
+    caller who has gone.
+    """
+
+    unix_ms: int
+
+    # Kept back per hop: the time a node needs to hear a downstream failure
+    # and answer its own caller before that caller's deadline.
+    HOP_MARGIN_MS: ClassVar[int] = 150
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(int(time.time() * 1000 + seconds * 1000))
+
+    @classmethod
+    def from_rpc(cls, remaining: float | None, default_s: float) -> Deadline:
+        """The deadline of a gRPC call (``context.time_remaining()``)."""
+        if remaining is None or remaining > 10 * default_s:
+            remaining = default_s
+        return cls.after(remaining)
+
+    def remaining(self) -> float:
+        """Seconds left (negative once passed)."""
+        return (self.unix_ms - time.time() * 1000) / 1000
+
+    @property
+    def expired(self) -> bool:
+        return self.remaining() <= 0
+
+    def earliest(self, other: Deadline) -> Deadline:
+        return self if self.unix_ms <= other.unix_ms else other
+
+    def for_next_hop(self) -> Deadline:
+        return Deadline(self.unix_ms - self.HOP_MARGIN_MS)
+
+    def require(self, what: str) -> float:
+        """Seconds left, or TIMEOUT when there is no time left for ``what``."""
+        left = self.remaining()
+        if left <= 0.01:
+            raise KmstnError(ErrorCode.TIMEOUT, f"deadline passed before {what}")
+        return left
+
+
+@dataclass(frozen=True, slots=True)
+class KeyGrant:
+    """One key to keep in a keyvault, and who may take it (each named SAE once)."""
+
+    key: Key
+    master_sae_id: str
+    allowed_sae_ids: tuple[str, ...]
+    origin_node_id: str
+    # The neighbour the key arrived from; None for a key made on this node.
+    upstream_node_id: str | None = None
+    created_at: datetime.datetime | None = None  # default: now
+    expires_at: datetime.datetime | None = None  # default: now + keyvault.key_ttl_s

@@ -1,31 +1,53 @@
 """``python -m relay --config node.toml``: the relay service process.
 
-Two listeners: the internal ``kme.rpc.v1.Relay`` service on the node's relay
-endpoint (a unix socket by default), for the node's own gateway and flows;
-and the neighbour-facing ``kme.rpc.v1.RelayPeer`` service on TCP
-``host:relay_port`` from the topology, with mutual TLS using the node
-certificate, for the ML-KEM-768 exchange with adjacent relays.
+The relay owns every hop of this node. Two listeners: the internal
+``kme.rpc.v1.Relay`` service on the node's relay endpoint (a unix socket by
+default), which the node's two gateways call once per request; and the
+neighbour-facing ``kme.rpc.v1.RelayPeer`` service on TCP ``host:relay_port``
+from the topology, with mutual TLS using the node certificate, for the
+ML-KEM-768 exchange with adjacent relays. The key negotiation (kme.flows)
+runs here, over the keyvault, routing, the QKD devices and the neighbours'
+020 listeners.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import cast
 
+from keyvault.client import KeyVaultClient
+from kme.channels import internal_channel
 from kme.config import NodeConfig
+from kme.flows import Devices, Flows
 from kme.qkd import QkdDevices
 from kme.rpc.v1 import relay_pb2, relay_pb2_grpc
 from kme.server import Runtime, run_service
-from relay.forward import Forwarder
+from relay.hop import Opener, PeerPools, Sealer
 from relay.hopkey import HopLinks
 from relay.kem import SessionStore
+from relay.peer import RelayPeerService
+from relay.ports import VaultPort
 from relay.qkdreserve import ReservedQkdKeys
-from relay.service import Opener, PeerPools, RelayPeerService, RelayService, Sealer
+from relay.service import RelayService
+from relay.transport import Transport
+from routing.replica import RoutingReplica
 
 
 def qkd_devices(config: NodeConfig) -> QkdDevices | None:
     """This node's QKD device clients (ETSI 014), or None when it ends no QKD link."""
     return QkdDevices(config) if config.qkd_devices else None
+
+
+def workers(config: NodeConfig) -> int:
+    """gRPC threads: every 014 and 020 listener thread may wait here at once.
+
+    A request that waits for a neighbour holds its thread; with fewer threads
+    than the two gateways can send, requests from one side could wait for
+    threads held by requests waiting on the other side's relay.
+    """
+    g = config.gateway
+    return g.threads * (g.workers + 1) + 16
 
 
 def build(rt: Runtime) -> None:
@@ -39,24 +61,33 @@ def build(rt: Runtime) -> None:
     pools = PeerPools(config, links, rt.log, devices=devices)
     sealer = Sealer(links, pools, devices, rt.log)
     opener = Opener(links, sessions, devices, rt.log, reserved)
-
-    forwarder = Forwarder(config, sealer.seal, rt.log, discard_sessions=sealer.discard_keys)
-    relay_pb2_grpc.add_RelayServicer_to_server(RelayService(sealer, opener, forwarder),
-                                               rt.server)
+    transport = Transport(config, sealer.seal, rt.log, discard_sessions=sealer.discard_keys)
+    budget = config.gateway.relay_timeout_ms / 1000
+    vault = VaultPort(KeyVaultClient(internal_channel(config, "keyvault"), timeout=budget))
+    routes = RoutingReplica(config.topology, config.node_id,
+                            internal_channel(config, "routing"), rt.log)
+    flows = Flows(config, routes, vault, transport, cast(Devices, devices or QkdDevices(config)),
+                  vault, rt.log, workers=max(8, config.gateway.threads))
+    kmstn_peers = {str(p) for p in links.neighbours}
+    relay_pb2_grpc.add_RelayServicer_to_server(
+        RelayService(flows, sealer, opener, kmstn_peers, budget, rt.log), rt.server)
     peer_server = rt.add_tcp_server(config.node.host, config.node.relay_port, config.tls)
     relay_pb2_grpc.add_RelayPeerServicer_to_server(
         RelayPeerService(links, sessions, rt.log, reserved, devices), peer_server)
     for name in ("Relay", "RelayPeer"):
         rt.serving(relay_pb2.DESCRIPTOR.services_by_name[name].full_name)
+    rt.on_start(flows.jobs.resume)
     rt.on_stop(pools.close)
-    rt.on_stop(forwarder.close)
+    rt.on_stop(transport.close)
+    rt.on_stop(flows.close)
+    rt.on_stop(routes.close)
     if devices is not None:
         rt.on_stop(devices.close)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_service("relay", "kmstn relay service (ML-KEM-768 x QKD hop protection)", build,
-                       argv)
+    return run_service("relay", "kmstn relay service (the hop: ML-KEM-768 x QKD, ETSI 020)",
+                       build, argv, max_workers=workers)
 
 
 if __name__ == "__main__":

@@ -49,9 +49,10 @@ from kme.errors import ErrorCode, KmstnError
 from kme.pki import CertificateAuthority, Issued
 from kme.types import Key, NodeId, SecretBytes
 from relay import kem
-from relay.client import RelayClient, RelayPeerClient, peer_channel
+from relay.client import RelayClient
+from relay.hop import Opener, Sealer
 from relay.hopkey import DeviceClient, HopLinks
-from relay.service import Opener, Sealer
+from relay.peer import RelayPeerClient, peer_channel
 
 BODY = (b'{"keys":[{"key_ID":"5f0b2c63-5a8e-4a36-9d0c-1b7e8f3a9c21","key":'
         b'"q8vL3kqZ0m2mO6c9yXbq7o2vF1m1i5f3S3y2a1b0c9c=","size":256}],'

@@ -1,28 +1,35 @@
-"""Typed clients: the node-internal Relay service, and a neighbour's RelayPeer service.
+"""The typed client of the node's own relay (kme.rpc.v1.Relay), for the gateways.
 
-``RelayClient`` is what the gateway and the ``kme`` flows use on the node's
-own relay socket. ``RelayPeerClient`` is what one relay uses toward a
-neighbour's relay port (TCP, mutual TLS with node certificates); build its
-channel with :func:`peer_channel`.
+This module and what it imports hold no cryptography: a gateway can pass
+an envelope to the relay, but nothing it imports can open one (an import
+test checks that).
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import grpc
 
-from kme.channels import call, mtls_channel
-from kme.config import NodeConfig
-from kme.errors import ErrorCode, KmstnError
+from kme.acks import ack_to_proto, acks_from_proto
+from kme.channels import call
+from kme.etsi014 import Status
+from kme.etsi020 import AckContainer, ExtKeyContainer, VoidContainer
 from kme.rpc.v1 import relay_pb2, relay_pb2_grpc
-from kme.types import NodeId
-from relay.convert import HopKind, kind_from_proto, type_to_proto
-from relay.kem import OneTimeKey
+from kme.types import Deadline, Key
+from relay.convert import (
+    HopKind,
+    ext_keys_to_proto,
+    keys_from_proto,
+    kind_from_proto,
+    status_from_proto,
+    type_to_proto,
+    void_to_proto,
+)
 
-__all__ = ["Opened", "RelayClient", "RelayPeerClient", "SealedMessage", "peer_channel"]
+__all__ = ["Answer", "Opened", "RelayClient", "SealedMessage"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,12 +45,59 @@ class Opened:
     kind: HopKind
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the 020 listener renders: 200 with acks, 202, or 200 with no body."""
+
+    kind: Literal["acks", "accepted", "done"]
+    acks: tuple[AckContainer, ...] = ()
+
+
+# Added to a call's deadline for the call's own way back.
+_SLACK_S = 1.0
+
+
 class RelayClient:
     """The node's own relay (Relay service) over its internal channel."""
 
     def __init__(self, channel: grpc.Channel, timeout: float = 10.0) -> None:
         self._stub = relay_pb2_grpc.RelayStub(channel)
         self._timeout = timeout
+
+    def get_keys(self, master: str, slaves: Sequence[str], number: int, size: int,
+                 deadline: Deadline) -> list[Key]:
+        """ETSI 014 Get key for ``master`` toward ``slaves`` (the path slave first)."""
+        req = relay_pb2.GetKeysRequest(master_sae_id=master, slave_sae_ids=list(slaves),
+                                       number=number, size_bits=size)
+        resp = call(self._stub.GetKeys, req, max(deadline.remaining(), 0.01))
+        return keys_from_proto(resp.keys)
+
+    def get_status(self, master: str, slave: str) -> Status:
+        req = relay_pb2.GetStatusRequest(master_sae_id=master, slave_sae_id=slave)
+        return status_from_proto(call(self._stub.GetStatus, req, self._timeout))
+
+    def receive(self, peer: str, message_type: str,
+                message: bytes | ExtKeyContainer | VoidContainer | Sequence[AckContainer],
+                deadline: Deadline | None = None) -> Answer:
+        """Hand one incoming ETSI 020 request to the relay: an envelope (kmstn peer) or a
+        parsed plain message (foreign KMS)."""
+        req = relay_pb2.ReceiveRequest(peer_node_id=peer,
+                                       message_type=type_to_proto(message_type),
+                                       deadline_unix_ms=deadline.unix_ms if deadline else 0)
+        if isinstance(message, bytes):
+            req.envelope = message
+        elif isinstance(message, ExtKeyContainer):
+            req.ext_keys.CopyFrom(ext_keys_to_proto(message))
+        elif isinstance(message, VoidContainer):
+            req.void.CopyFrom(void_to_proto(message))
+        else:
+            req.acks.CopyFrom(relay_pb2.AckList(acks=[ack_to_proto(a) for a in message]))
+        timeout = (deadline.remaining() if deadline else self._timeout) + _SLACK_S
+        resp = call(self._stub.Receive, req, max(timeout, _SLACK_S))
+        which = resp.WhichOneof("answer")
+        if which == "acks":
+            return Answer("acks", tuple(acks_from_proto(resp.acks.acks)))
+        return Answer("accepted" if which == "accepted" else "done")
 
     def seal(self, next_hop: str, message_type: str, body: bytes, hop: int) -> SealedMessage:
         """Seal an ETSI 020 message (``ext_keys``, ``void``, ``ack``, ``device_keys``)."""
@@ -53,55 +107,8 @@ class RelayClient:
         return SealedMessage(resp.envelope, kind_from_proto(resp.kind))
 
     def open(self, peer: str, message_type: str, envelope: bytes) -> Opened:
-        """Open an envelope from ``peer`` (its TLS-verified node ID) that arrived at the
-        endpoint for ``message_type``; raises KmstnError (TAMPERED, UNKNOWN_SESSION, ...)."""
+        """Open an envelope from ``peer`` without acting on it (tests, benchmarks)."""
         req = relay_pb2.OpenRequest(peer_node_id=peer, message_type=type_to_proto(message_type),
                                     envelope=envelope)
         resp = call(self._stub.Open, req, self._timeout)
         return Opened(resp.body, resp.hop, kind_from_proto(resp.kind))
-
-
-def peer_channel(config: NodeConfig, peer: NodeId) -> grpc.Channel:
-    """An mTLS channel to ``peer``'s relay port, with this node's certificate.
-
-    The server is authenticated by the federation CA and the host in its
-    certificate's subjectAltName; gRPC's Python client does not expose the
-    server certificate, so its CN is not compared with ``peer`` here.
-    """
-    node = config.topology.kmstns.get(peer)
-    if node is None or node.kind != "kmstn" or not node.relay_port:
-        raise KmstnError(ErrorCode.UNKNOWN_NODE, f"{peer!r} runs no kmstn relay")
-    host = f"[{node.host}]" if ":" in node.host else node.host
-    return mtls_channel(f"{host}:{node.relay_port}", config.tls)
-
-
-class RelayPeerClient:
-    """A neighbour's RelayPeer service: the ML-KEM-768 exchange."""
-
-    def __init__(self, channel: grpc.Channel, timeout: float = 10.0) -> None:
-        self._stub = relay_pb2_grpc.RelayPeerStub(channel)
-        self._timeout = timeout
-
-    def public_keys(self, count: int) -> list[OneTimeKey]:
-        resp = call(self._stub.PublicKeys, relay_pb2.PublicKeysRequest(count=count),
-                    self._timeout, wait_for_ready=False)
-        out = []
-        for k in resp.keys:
-            try:
-                session = uuid.UUID(k.session_id)
-            except ValueError:
-                raise KmstnError(ErrorCode.UNAVAILABLE,
-                                 "neighbour relay sent a malformed session ID") from None
-            out.append(OneTimeKey(session, k.public_key, k.ttl_seconds))
-        return out
-
-    def reserve_qkd_keys(self, key_ids: Sequence[uuid.UUID]) -> int:
-        """Announce QKD keys taken from the shared device; returns how long they are held."""
-        req = relay_pb2.ReserveQkdKeysRequest(key_ids=[str(k) for k in key_ids])
-        return int(call(self._stub.ReserveQkdKeys, req, self._timeout,
-                        wait_for_ready=False).ttl_seconds)
-
-    def encapsulated(self, session: uuid.UUID, ciphertext: bytes) -> None:
-        call(self._stub.Encapsulated,
-             relay_pb2.EncapsulatedRequest(session_id=str(session), ciphertext=ciphertext),
-             self._timeout, wait_for_ready=False)

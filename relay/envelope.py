@@ -5,9 +5,13 @@ Pure functions, no I/O. An envelope is a JSON object::
     {"v": 1, "alg": "QKD-XOR-MLKEM768/A256GCM" | "MLKEM768/A256GCM",
      "iv": b64, "ciphertext": b64, "session": uuid, "kem_ciphertext": b64,
      "qkd_key_id": uuid, "sae": str, "src": node, "dst": node, "hop": int,
-     "type": "ext_keys" | "void" | "ack" | "device_keys"}
+     "type": "ext_keys" | "void" | "ack" | "device_keys", "deadline": int}
 
-``qkd_key_id`` and ``sae`` appear exactly on QKD hops. ``kem_ciphertext``
+``qkd_key_id`` and ``sae`` appear exactly on QKD hops. ``deadline`` (Unix
+time in milliseconds) is the request's one absolute deadline; the receiver
+works on the message only until then, and it is authenticated like every
+other header field, so no node on the way can stretch it. It is optional:
+an envelope without it gets the receiver's default. ``kem_ciphertext``
 appears when the receiver still holds the one-time *private* key of the
 session (the pipelined exchange); it is absent when the sender delivered the
 ciphertext beforehand through ``RelayPeer.Encapsulated`` (the paper's
@@ -17,7 +21,7 @@ The whole ETSI 020 message is the AES-256-GCM plaintext, under a fresh random
 96-bit IV, with a 128-bit tag appended to ``ciphertext``. The associated data
 is the canonical encoding (sorted keys, compact JSON) of every header field
 except ``iv`` and ``ciphertext``, so version, algorithm, session, KEM
-ciphertext, QKD key ID, SAE, source, destination, hop and message type are
+ciphertext, QKD key ID, SAE, source, destination, hop, message type and deadline are
 all authenticated: an envelope cannot be replayed (the session is burned on
 first use), redirected (``dst`` must be the receiving node and ``src`` the
 TLS-verified sender) or moved to another endpoint (``type``) unnoticed.
@@ -84,7 +88,7 @@ MAX_HOP: Final = 2**32 - 1  # relay.proto carries hop as uint32
 MAX_ENVELOPE_BYTES: Final = 4 * 1024 * 1024
 
 _FIELDS: Final = frozenset({"v", "alg", "iv", "ciphertext", "session", "kem_ciphertext",
-                            "qkd_key_id", "sae", "src", "dst", "hop", "type"})
+                            "qkd_key_id", "sae", "src", "dst", "hop", "type", "deadline"})
 _REQUIRED: Final = frozenset({"v", "alg", "iv", "ciphertext", "session", "src", "dst", "hop",
                               "type"})
 
@@ -103,6 +107,7 @@ class Header:
     qkd_key_id: uuid.UUID | None = None
     sae: SaeId | None = None
     v: int = VERSION
+    deadline: int | None = None  # Unix time, ms
 
     def __post_init__(self) -> None:
         _check_header(self)
@@ -122,6 +127,8 @@ class Header:
             fields["qkd_key_id"] = str(self.qkd_key_id)
         if self.sae is not None:
             fields["sae"] = self.sae
+        if self.deadline is not None:
+            fields["deadline"] = self.deadline
         return fields
 
 
@@ -156,6 +163,9 @@ def _check_header(h: Header) -> None:
         raise _bad("qkd_key_id", f"and 'sae' are not allowed with alg {ALG_PQC}")
     if h.sae is not None:
         sae_id(h.sae)
+    if h.deadline is not None and (isinstance(h.deadline, bool) or not isinstance(
+            h.deadline, int) or not 0 < h.deadline < 2**53):
+        raise _bad("deadline", "must be a positive integer (Unix time in milliseconds)")
 
 
 def associated_data(header: Header) -> bytes:
@@ -258,6 +268,13 @@ def _ident(doc: Mapping[str, Any], field: str) -> str:
         raise _bad(field, f"is not a valid identifier: {exc.public}") from None
 
 
+def _deadline(doc: Mapping[str, Any]) -> int | None:
+    value = doc.get("deadline")
+    if "deadline" in doc and (isinstance(value, bool) or not isinstance(value, int)):
+        raise _bad("deadline", "must be an integer")
+    return value
+
+
 def parse(data: bytes) -> Envelope:
     """Parse envelope bytes strictly; any deviation raises INVALID_ARGUMENT naming the field."""
     if len(data) > MAX_ENVELOPE_BYTES:
@@ -301,6 +318,7 @@ def parse(data: bytes) -> Envelope:
         qkd_key_id=_uuid(doc, "qkd_key_id") if "qkd_key_id" in doc else None,
         sae=SaeId(_ident(doc, "sae")) if "sae" in doc else None,
         v=version,
+        deadline=_deadline(doc),
     )
     return Envelope(header=header, iv=_bytes(doc, "iv", IV_BYTES),
                     ciphertext=_bytes(doc, "ciphertext", minimum=TAG_BYTES))

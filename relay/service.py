@@ -1,364 +1,146 @@
-"""Sealing and opening hops in-process, and the gRPC servicers on top of them.
+"""kme.rpc.v1.Relay: the node's gateways hand the relay each request in one call.
 
-In-process API (what ``Relay.Forward`` and the benchmark build on):
-
-* :class:`Sealer` -- ``seal(next_hop, message_type, body, hop) -> bytes``:
-  fresh ML-KEM-768 secret with the next hop (a one-time key from its pool,
-  or the explicit Encapsulated exchange), a QKD key on a QKD hop, AES-256-GCM
-  envelope. Every seal logs one ``sealed`` line naming the session (never a
-  secret): that log is the sender's record of used sessions.
-* :class:`Opener` -- ``open(peer, message_type, envelope) -> OpenResult``:
-  strict parse, binding checks (dst is us, src is the TLS-verified peer,
-  type is the endpoint's, alg is allowed on our links, sae is the sender's
-  device), one-time session, QKD key by ID, AES-GCM. Every failure is a
-  KmstnError; nothing is half done.
-* :class:`PeerPools` -- the sender's per-neighbour :class:`KeyPool` objects
-  and mTLS channels to the neighbours' RelayPeer services.
-
-gRPC servicers: :class:`RelayService` (``Relay.Seal``, ``Relay.Open``; the
-sending RPCs ``Forward``, ``DeliverAck`` and ``SendAck`` answer UNIMPLEMENTED
-until they are added) and :class:`RelayPeerService` (``PublicKeys``,
-``Encapsulated``; the caller is the subject CN of its verified client
-certificate and must be a kmstn neighbour).
+``GetKeys`` / ``GetStatus`` come from the 014 gateway (the master side);
+``Receive`` from the 020 gateway, with a neighbour's sealed envelope (opened
+here, never in the gateway) or a foreign KMS's parsed plain message. The
+flows (kme.flows) decide and act; this module only converts between proto
+and domain values and picks the deadline. ``Seal`` / ``Open`` serve tests and
+benchmarks.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
-import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Literal
 
 import grpc
 
+from kme import etsi020
+from kme import log as kmelog
 from kme.acks import ack_to_proto, acks_from_proto
-from kme.config import NodeConfig
 from kme.errors import ErrorCode, KmstnError
+from kme.etsi020 import AckContainer, ExtKeyContainer, VoidContainer
+from kme.flows import DeviceKeysNotice, Flows
 from kme.rpc.v1 import relay_pb2, relay_pb2_grpc
-from kme.types import NodeId
-from relay import envelope as env
-from relay import kem
-from relay.client import RelayPeerClient, peer_channel
-from relay.convert import HopKind, kind_to_proto, type_from_proto
-from relay.forward import Forwarder
-from relay.hopkey import (
-    KEYLESS_TYPES,
-    DeviceDirectory,
-    HopLinks,
-    QkdMaterial,
-    combine,
-    fetch_qkd_key,
-    take_qkd_key,
+from kme.types import Deadline, NodeId
+from relay.convert import (
+    ext_keys_from_proto,
+    keys_to_proto,
+    kind_to_proto,
+    status_to_proto,
+    type_from_proto,
+    void_from_proto,
 )
-from relay.qkdreserve import QkdReservePool, ReservedQkdKeys
+from relay.hop import Opener, Sealer
 
-__all__ = [
-    "OpenResult",
-    "Opener",
-    "PeerPools",
-    "RelayPeerService",
-    "RelayService",
-    "Sealed",
-    "Sealer",
-]
+__all__ = ["RelayService"]
 
-ExchangeMode = Literal["pipelined", "explicit"]
+Incoming = ExtKeyContainer | VoidContainer | DeviceKeysNotice | list[AckContainer]
 
 
-@dataclass(frozen=True, slots=True)
-class Sealed:
-    envelope: bytes
-    kind: HopKind
-    session: uuid.UUID
-
-
-@dataclass(frozen=True, slots=True)
-class OpenResult:
-    body: bytes
-    hop: int
-    kind: HopKind
-    session: uuid.UUID
-    message_type: str
-
-
-class PeerPools:
-    """The sender's side of the KEM exchange with every neighbour, over mTLS.
-
-    Pools and channels are made on first use; refills run on one small
-    executor shared by all neighbours.
-    """
-
-    def __init__(self, config: NodeConfig, links: HopLinks,
-                 log: logging.Logger | None = None,
-                 client_factory: Callable[[NodeId], RelayPeerClient] | None = None,
-                 devices: DeviceDirectory | None = None) -> None:
-        self._config = config
-        self._devices = devices
-        self._qkd_pools: dict[NodeId, QkdReservePool | None] = {}
-        self._links = links
-        self._log = log or logging.getLogger("kmstn.relay")
-        self._size = config.relay.kem_pool_size
-        self._timeout = config.relay.timeout_ms / 1000
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="relay-kem-refill")
-        self._lock = threading.Lock()
-        self._pools: dict[NodeId, kem.KeyPool] = {}
-        self._clients: dict[NodeId, RelayPeerClient] = {}
-        self._channels: list[grpc.Channel] = []
-        self._client_factory = client_factory or self._mtls_client
-
-    def _mtls_client(self, peer: NodeId) -> RelayPeerClient:
-        channel = peer_channel(self._config, peer)
-        self._channels.append(channel)
-        return RelayPeerClient(channel, self._timeout)
-
-    def client(self, peer: NodeId) -> RelayPeerClient:
-        with self._lock:
-            found = self._clients.get(peer)
-            if found is None:
-                found = self._clients[peer] = self._client_factory(peer)
-            return found
-
-    def pool(self, peer: NodeId) -> kem.KeyPool:
-        peer = self._links.require_neighbour(peer)
-        with self._lock:
-            found = self._pools.get(peer)
-            if found is None:
-                found = self._pools[peer] = kem.KeyPool(
-                    peer, lambda n: self.client(peer).public_keys(n), self._size,
-                    self._executor, log=self._log)
-            return found
-
-    def qkd_pool(self, peer: NodeId) -> QkdReservePool | None:
-        """QKD hop keys held for ``peer`` ahead of use (None without a QKD link or pool)."""
-        with self._lock:
-            if peer in self._qkd_pools:
-                return self._qkd_pools[peer]
-        size = self._config.relay.qkd_reserve
-        device = self._devices.toward(peer) if self._devices is not None else None
-        pool = None
-        if size and device is not None and self._links.qkd_link(peer) is not None:
-            pool = QkdReservePool(peer, device,
-                                  lambda ids: self.client(peer).reserve_qkd_keys(ids), size,
-                                  self._executor, log=self._log)
-        with self._lock:
-            return self._qkd_pools.setdefault(peer, pool)
-
-    def encapsulated(self, peer: NodeId, session: uuid.UUID, ciphertext: bytes) -> None:
-        self.client(peer).encapsulated(session, ciphertext)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        with self._lock:
-            for channel in self._channels:
-                channel.close()
-            self._channels.clear()
-            self._clients.clear()
-            self._pools.clear()
-            self._qkd_pools.clear()
-
-
-class Sealer:
-    """Seal ETSI 020 messages for neighbours (the sending half of a hop)."""
-
-    def __init__(self, links: HopLinks, pools: PeerPools | Callable[[NodeId], kem.KeyPool],
-                 devices: DeviceDirectory | None, log: logging.Logger | None = None,
-                 exchange: ExchangeMode = "pipelined",
-                 encapsulated: Callable[[NodeId, uuid.UUID, bytes], None] | None = None) -> None:
-        self._links = links
-        self._pool: Callable[[NodeId], kem.KeyPool]
-        self._qkd_pool: Callable[[NodeId], QkdReservePool | None] = lambda _peer: None
-        if isinstance(pools, PeerPools):
-            self._pool = pools.pool
-            self._qkd_pool = pools.qkd_pool
-            encapsulated = encapsulated or pools.encapsulated
-        else:
-            self._pool = pools
-        self._devices = devices
-        self._log = log or logging.getLogger("kmstn.relay")
-        if exchange == "explicit" and encapsulated is None:
-            raise ValueError("the explicit exchange needs an encapsulated() sender")
-        self._exchange = exchange
-        self._encapsulated = encapsulated
-
-    def _hop_qkd_key(self, peer: NodeId) -> QkdMaterial | None:
-        """A QKD key the neighbour already holds if we have one, else one from the device."""
-        if self._links.qkd_link(peer) is not None:
-            pool = self._qkd_pool(peer)
-            held = pool.take() if pool is not None else None
-            if held is not None:
-                return QkdMaterial(held, self._links.own_device_sae(peer))
-        return take_qkd_key(self._links, self._devices, peer)
-
-    def seal(self, next_hop: str, message_type: str, body: bytes, hop: int) -> bytes:
-        """The envelope for ``body`` toward ``next_hop`` (what Relay.Forward POSTs)."""
-        return self.seal_detailed(next_hop, message_type, body, hop).envelope
-
-    def discard_keys(self, next_hop: str) -> None:
-        """Forget the one-time keys held for ``next_hop``.
-
-        Call this when the neighbour answers UNKNOWN_SESSION for a fresh
-        envelope: it has most likely restarted and forgotten every session it
-        handed out, so the rest of the pool would fail the same way.
-        """
-        peer = self._links.require_neighbour(next_hop)
-        self._pool(peer).clear()
-        qkd = self._qkd_pool(peer)
-        if qkd is not None:
-            qkd.clear()  # the neighbour forgot the QKD keys we announced, too
-
-    def seal_detailed(self, next_hop: str, message_type: str, body: bytes, hop: int) -> Sealed:
-        if message_type not in env.MESSAGE_TYPES:
-            raise KmstnError(ErrorCode.INVALID_ARGUMENT, f"unknown message type {message_type!r}")
-        if not 1 <= hop <= env.MAX_HOP:
-            raise KmstnError(ErrorCode.INVALID_ARGUMENT, "hop must be at least 1")
-        if len(body) > env.MAX_ENVELOPE_BYTES // 2:
-            raise KmstnError(ErrorCode.INVALID_ARGUMENT, "message too large to relay")
-        peer = self._links.require_neighbour(next_hop)
-        # The one-time key is taken before the QKD key: losing a public key
-        # to a later failure costs nothing, losing a QKD key costs key rate.
-        one_time = self._pool(peer).take()
-        kem_secret, kem_ciphertext = kem.encapsulate(one_time.public_key)
-        carried: bytes | None = kem_ciphertext
-        if self._exchange == "explicit":
-            assert self._encapsulated is not None  # noqa: S101 - checked in __init__
-            self._encapsulated(peer, one_time.session, kem_ciphertext)
-            carried = None
-        qkd = None if message_type in KEYLESS_TYPES else self._hop_qkd_key(peer)
-        header = env.Header(
-            alg=env.ALG_QKD if qkd else env.ALG_PQC,
-            session=one_time.session,
-            src=self._links.node,
-            dst=peer,
-            hop=hop,
-            type=message_type,
-            kem_ciphertext=carried,
-            qkd_key_id=qkd.key.key_id if qkd else None,
-            sae=qkd.sae if qkd else None,
-        )
-        key = combine(kem_secret, qkd.key.material if qkd else None)
-        sealed = env.seal(header, key, body, os.urandom(env.IV_BYTES))
-        kind: HopKind = "qkd" if qkd else "pqc"
-        self._log.info("sealed", extra={
-            "peer": peer, "session": str(one_time.session), "kind": kind, "hop": hop,
-            "message_type": message_type, "exchange": self._exchange,
-            "qkd_key_id": str(qkd.key.key_id) if qkd else None})
-        return Sealed(sealed, kind, one_time.session)
-
-
-class Opener:
-    """Open envelopes from neighbours (the receiving half of a hop)."""
-
-    def __init__(self, links: HopLinks, sessions: kem.SessionStore,
-                 devices: DeviceDirectory | None, log: logging.Logger | None = None,
-                 reserved: ReservedQkdKeys | None = None) -> None:
-        self._links = links
-        self._sessions = sessions
-        self._devices = devices
-        self._reserved = reserved
-        self._log = log or logging.getLogger("kmstn.relay")
-
-    def open(self, peer: str, message_type: str, envelope: bytes) -> OpenResult:
-        """The inner ETSI 020 message of ``envelope``, sent by ``peer`` to the
-        endpoint for ``message_type``; raises KmstnError on any failure."""
-        try:
-            return self._open(peer, message_type, envelope)
-        except KmstnError as exc:
-            self._log.warning("envelope rejected", extra={
-                "peer": peer, "message_type": message_type, "error_code": exc.code.name,
-                "error": exc.public})
-            raise
-
-    def _open(self, peer_name: str, message_type: str, data: bytes) -> OpenResult:
-        peer = self._links.require_neighbour(peer_name)
-        if message_type not in env.MESSAGE_TYPES:
-            raise KmstnError(ErrorCode.INVALID_ARGUMENT, f"unknown message type {message_type!r}")
-        sealed = env.parse(data)
-        h = sealed.header
-        me = self._links.node
-        # These checks read the header before it is authenticated; a match is
-        # confirmed by the AES-GCM tag below, a mismatch is refused at once.
-        if h.dst != me:
-            raise KmstnError(ErrorCode.TAMPERED, f"envelope is addressed to {h.dst}, not {me}",
-                             reason="wrong_destination")
-        if h.src != peer:
-            raise KmstnError(ErrorCode.TAMPERED,
-                             f"envelope claims source {h.src} but came from {peer}",
-                             reason="wrong_source")
-        if h.type != message_type:
-            raise KmstnError(ErrorCode.TAMPERED,
-                             f"envelope was sealed for {h.type}, received at {message_type}",
-                             reason="wrong_endpoint")
-        if h.is_qkd:
-            if self._links.qkd_link(peer) is None:
-                raise KmstnError(ErrorCode.TAMPERED,
-                                 f"{env.ALG_QKD} used but no QKD link joins {peer} and {me}",
-                                 reason="wrong_algorithm")
-            expected_sae = self._links.peer_device_sae(peer)
-            if h.sae != expected_sae:
-                raise KmstnError(ErrorCode.TAMPERED,
-                                 f"sae {h.sae!r} is not the QKD device of {peer}",
-                                 reason="wrong_sae")
-        elif not self._links.has_pqc(peer) and h.type not in KEYLESS_TYPES:
-            raise KmstnError(ErrorCode.TAMPERED,
-                             f"{env.ALG_PQC} used but no PQC link joins {peer} and {me}",
-                             reason="wrong_algorithm")
-        # From here on the session is spent, whatever happens next.
-        kem_secret = self._sessions.take(peer, h.session, h.kem_ciphertext)
-        qkd_key = None
-        if h.is_qkd:
-            assert h.qkd_key_id is not None  # noqa: S101 - Header guarantees it
-            qkd_key = (self._reserved.take(peer, h.qkd_key_id) if self._reserved else None)
-            if qkd_key is None:
-                qkd_key = fetch_qkd_key(self._links, self._devices, peer, h.qkd_key_id)
-        body = env.open_envelope(sealed, combine(kem_secret, qkd_key))
-        kind: HopKind = "qkd" if h.is_qkd else "pqc"
-        self._log.debug("opened", extra={"peer": peer, "session": str(h.session),
-                                         "kind": kind, "hop": h.hop})
-        return OpenResult(body, h.hop, kind, h.session, h.type)
-
-
-# --------------------------------------------------------------------------
-# gRPC servicers
-# --------------------------------------------------------------------------
+def _parse(message_type: str, body: bytes) -> Incoming:
+    if message_type == "ext_keys":
+        return etsi020.parse_ext_keys(body)
+    if message_type == "void":
+        return etsi020.parse_void(body)
+    if message_type == "device_keys":
+        return DeviceKeysNotice.from_json(body)
+    return etsi020.parse_acks(body)
 
 
 class RelayService(relay_pb2_grpc.RelayServicer):
-    """kme.rpc.v1.Relay: Seal and Open here; Forward, DeliverAck, SendAck via relay.forward."""
-
-    def __init__(self, sealer: Sealer, opener: Opener, forwarder: Forwarder) -> None:
+    def __init__(self, flows: Flows, sealer: Sealer, opener: Opener, kmstn_peers: set[str],
+                 budget_s: float, log: logging.Logger | None = None) -> None:
+        self._flows = flows
         self._sealer = sealer
         self._opener = opener
-        self._forwarder = forwarder
+        self._kmstn_peers = kmstn_peers
+        self._budget = budget_s
+        self._log = log or logging.getLogger("kmstn.relay")
 
-    def Forward(  # noqa: N802 - gRPC method name
-        self, request: relay_pb2.ForwardRequest, context: grpc.ServicerContext
-    ) -> relay_pb2.ForwardResponse:
-        timeout = request.timeout_ms / 1000 if request.timeout_ms else None
-        result = self._forwarder.forward(request.next_hop_node_id,
-                                         type_from_proto(request.message_type), request.body,
-                                         request.hop, timeout)
-        return relay_pb2.ForwardResponse(http_status=result.http_status, body=result.body,
-                                         acks=[ack_to_proto(a) for a in result.acks])
+    def _deadline(self, context: grpc.ServicerContext, announced: Deadline | None = None
+                  ) -> Deadline:
+        """The request's deadline: the announced one, never beyond our own budget."""
+        ours = Deadline.after(self._budget)
+        rpc = Deadline.from_rpc(context.time_remaining(), self._budget)
+        return (announced or ours).earliest(ours).earliest(rpc)
 
-    def DeliverAck(  # noqa: N802
-        self, request: relay_pb2.DeliverAckRequest, context: grpc.ServicerContext
-    ) -> relay_pb2.DeliverAckResponse:
-        unknown = self._forwarder.deliver_ack(request.peer_node_id,
-                                              acks_from_proto(request.acks))
-        return relay_pb2.DeliverAckResponse(unknown_key_ids=[str(k) for k in unknown])
+    # -- ETSI 014, from the 014 gateway ------------------------------------------------
 
-    def SendAck(  # noqa: N802
-        self, request: relay_pb2.SendAckRequest, context: grpc.ServicerContext
-    ) -> relay_pb2.SendAckResponse:
-        status = self._forwarder.send_ack(request.peer_node_id, request.callback_url,
-                                          acks_from_proto(request.acks))
-        return relay_pb2.SendAckResponse(http_status=status)
+    def GetKeys(  # noqa: N802 - gRPC method name
+        self, request: relay_pb2.GetKeysRequest, context: grpc.ServicerContext
+    ) -> relay_pb2.GetKeysResponse:
+        if not request.slave_sae_ids:
+            raise KmstnError(ErrorCode.INVALID_ARGUMENT, "at least one slave SAE is required")
+        with kmelog.log_context(sae_id=request.master_sae_id):
+            keys = self._flows.northbound.enc_keys(
+                request.master_sae_id, list(request.slave_sae_ids), request.number or 1,
+                request.size_bits, self._deadline(context), caller_alive=context.is_active)
+        return relay_pb2.GetKeysResponse(keys=keys_to_proto(keys))
 
-    def Seal(  # noqa: N802 - gRPC method name
+    def GetStatus(  # noqa: N802
+        self, request: relay_pb2.GetStatusRequest, context: grpc.ServicerContext
+    ) -> relay_pb2.GetStatusResponse:
+        return status_to_proto(self._flows.northbound.status(request.master_sae_id,
+                                                             request.slave_sae_id))
+
+    # -- ETSI 020, from the 020 gateway ------------------------------------------------
+
+    def Receive(  # noqa: N802
+        self, request: relay_pb2.ReceiveRequest, context: grpc.ServicerContext
+    ) -> relay_pb2.ReceiveResponse:
+        peer = NodeId(request.peer_node_id)
+        message_type = type_from_proto(request.message_type)
+        which = request.WhichOneof("message")
+        sealed = which == "envelope"
+        if sealed != (peer in self._kmstn_peers):
+            # The listener enforces this per peer already; the relay does not
+            # act on a message whose form does not fit its sender either.
+            raise KmstnError(ErrorCode.INVALID_ARGUMENT,
+                             "messages between kmstn nodes must be sealed; a foreign KMS "
+                             "speaks plain ETSI 020")
+        message: Incoming
+        if sealed:
+            opened = self._opener.open(peer, message_type, request.envelope)
+            hop, deadline = opened.hop, self._deadline(context, opened.deadline)
+            message = _parse(message_type, opened.body)
+        else:
+            announced = (Deadline(request.deadline_unix_ms) if request.deadline_unix_ms
+                         else None)
+            hop, deadline = 0, self._deadline(context, announced)
+            if which == "ext_keys" and message_type == "ext_keys":
+                message = ext_keys_from_proto(request.ext_keys)
+            elif which == "void" and message_type == "void":
+                message = void_from_proto(request.void)
+            elif which == "acks" and message_type == "ack":
+                message = acks_from_proto(request.acks.acks)
+            else:
+                raise KmstnError(ErrorCode.INVALID_ARGUMENT,
+                                 f"a {which or 'missing'} message does not fit {message_type}")
+        return self._act(peer, message, hop, deadline)
+
+    def _act(self, peer: NodeId, message: Incoming, hop: int, deadline: Deadline
+             ) -> relay_pb2.ReceiveResponse:
+        receiver = self._flows.receiver
+        if isinstance(message, list):
+            receiver.acks(peer, message)
+            return relay_pb2.ReceiveResponse(done=relay_pb2.Done())
+        key_ids = [str(k) for k in message.key_ids]
+        with kmelog.log_context(peer=peer, key_ids=key_ids):
+            if isinstance(message, DeviceKeysNotice):
+                acks = receiver.device_keys(peer, message, deadline)
+            elif message.ack_callback_url is not None:
+                receiver.accept(peer, message, hop, deadline)
+                return relay_pb2.ReceiveResponse(accepted=relay_pb2.Accepted())
+            elif isinstance(message, ExtKeyContainer):
+                acks = receiver.ext_keys(peer, message, hop, deadline)
+            else:
+                acks = receiver.void(peer, message, hop, deadline)
+        return relay_pb2.ReceiveResponse(
+            acks=relay_pb2.AckList(acks=[ack_to_proto(a) for a in acks]))
+
+    # -- tests and benchmarks -----------------------------------------------------------
+
+    def Seal(  # noqa: N802
         self, request: relay_pb2.SealRequest, context: grpc.ServicerContext
     ) -> relay_pb2.SealResponse:
         sealed = self._sealer.seal_detailed(request.next_hop_node_id,
@@ -373,70 +155,3 @@ class RelayService(relay_pb2_grpc.RelayServicer):
                                    request.envelope)
         return relay_pb2.OpenResponse(body=result.body, hop=result.hop,
                                       kind=kind_to_proto(result.kind))
-
-
-def caller_node(context: grpc.ServicerContext, links: HopLinks) -> NodeId:
-    """The neighbour calling us: the CN of its verified TLS client certificate."""
-    auth = context.auth_context()
-    names: object = auth.get("x509_common_name")
-    values = list(names) if isinstance(names, (list, tuple)) else []
-    if len(values) != 1 or not isinstance(values[0], bytes):
-        raise KmstnError(ErrorCode.UNAUTHENTICATED, "a verified client certificate is required")
-    name = values[0].decode("utf-8", "replace")
-    try:
-        return links.require_neighbour(name)
-    except KmstnError:
-        raise KmstnError(ErrorCode.PERMISSION_DENIED,
-                         "the caller is not a kmstn neighbour of this node",
-                         cause=f"client certificate CN {name!r}") from None
-
-
-class RelayPeerService(relay_pb2_grpc.RelayPeerServicer):
-    """kme.rpc.v1.RelayPeer: the receiver's side of the ML-KEM-768 exchange."""
-
-    def __init__(self, links: HopLinks, sessions: kem.SessionStore,
-                 log: logging.Logger | None = None, reserved: ReservedQkdKeys | None = None,
-                 devices: DeviceDirectory | None = None) -> None:
-        self._links = links
-        self._sessions = sessions
-        self._log = log or logging.getLogger("kmstn.relay")
-        self._reserved = reserved
-        self._devices = devices
-
-    def ReserveQkdKeys(  # noqa: N802
-        self, request: relay_pb2.ReserveQkdKeysRequest, context: grpc.ServicerContext
-    ) -> relay_pb2.ReserveQkdKeysResponse:
-        peer = caller_node(context, self._links)
-        device = self._devices.toward(peer) if self._devices is not None else None
-        if self._reserved is None or device is None or self._links.qkd_link(peer) is None:
-            raise KmstnError(ErrorCode.INVALID_ARGUMENT,
-                             f"no QKD link with {peer} to reserve keys on")
-        try:
-            ids = [uuid.UUID(k) for k in request.key_ids]
-        except ValueError:
-            raise KmstnError(ErrorCode.INVALID_ARGUMENT, "key_ids must be UUIDs") from None
-        held = self._reserved.hold(peer, device, ids)
-        self._log.debug("holding announced QKD keys", extra={"peer": peer, "count": held})
-        return relay_pb2.ReserveQkdKeysResponse(ttl_seconds=self._reserved.ttl_seconds)
-
-    def PublicKeys(  # noqa: N802
-        self, request: relay_pb2.PublicKeysRequest, context: grpc.ServicerContext
-    ) -> relay_pb2.PublicKeysResponse:
-        peer = caller_node(context, self._links)
-        keys = self._sessions.issue(peer, request.count)
-        self._log.debug("issued one-time keys", extra={"peer": peer, "count": len(keys)})
-        return relay_pb2.PublicKeysResponse(keys=[
-            relay_pb2.OneTimePublicKey(session_id=str(k.session), public_key=k.public_key,
-                                       ttl_seconds=k.ttl_seconds)
-            for k in keys])
-
-    def Encapsulated(  # noqa: N802
-        self, request: relay_pb2.EncapsulatedRequest, context: grpc.ServicerContext
-    ) -> relay_pb2.EncapsulatedResponse:
-        peer = caller_node(context, self._links)
-        try:
-            session = uuid.UUID(request.session_id)
-        except ValueError:
-            raise KmstnError(ErrorCode.INVALID_ARGUMENT, "session_id must be a UUID") from None
-        self._sessions.exchange(peer, session, request.ciphertext)
-        return relay_pb2.EncapsulatedResponse()

@@ -2,7 +2,10 @@
 
 The caller is always the SAE named in its verified certificate; the path
 holds only the peer SAE ID. Parsing and limits live in kme.etsi014 (shared
-with the QKD device emulator), the delivery logic in kme.flows.
+with the QKD device emulator); the request's limits come from
+kme.flows.limits_for (configuration and routes, no call). Get key and Get
+status are then one call to the relay, which owns delivery; Get key with key
+IDs is one take from the keyvault.
 """
 
 from __future__ import annotations
@@ -14,66 +17,65 @@ from flask import Blueprint, Response, current_app, request
 import kme.etsi014 as etsi014
 from gateway.app import json_response
 from gateway.auth import caller_identity
+from gateway.deps import Edge
+from kme import flows
 from kme import log as kmelog
-from kme.flows import Flows
-from kme.types import sae_id
+from kme.flows import limits_for, own_sae
+from kme.types import Deadline, sae_id
 
 blueprint = Blueprint("etsi014", __name__)
 
 
-def _flows() -> Flows:
-    return cast(Flows, current_app.config["kmstn.flows"])
+def _edge() -> Edge:
+    return cast(Edge, current_app.config["kmstn.edge"])
 
 
-def _caller(flows: Flows) -> str:
+def _caller(edge: Edge) -> str:
     sae = caller_identity(request.environ)
-    flows.own_sae(sae)
+    own_sae(edge.config, sae)
     return sae
-
-
-def _limits(flows: Flows, slave: str) -> etsi014.KeyLimits:
-    lim = flows.limits(slave)
-    return etsi014.KeyLimits(
-        key_size=lim.key_size, min_key_size=lim.min_key_size, max_key_size=lim.max_key_size,
-        max_key_per_request=lim.max_key_per_request, max_sae_id_count=lim.max_sae_id_count)
 
 
 @blueprint.get("/api/v1/keys/<path:slave>/status")
 def status(slave: str) -> Response:
     """Get status (clause 5.1): the path names the slave SAE."""
-    flows = _flows()
-    master = _caller(flows)
+    edge = _edge()
+    master = _caller(edge)
     with kmelog.log_context(sae_id=master):
-        return json_response(flows.status(master, sae_id(slave)))
+        return json_response(etsi014.status_body(edge.relay.get_status(master, sae_id(slave))))
 
 
 @blueprint.route("/api/v1/keys/<path:slave>/enc_keys", methods=["GET", "POST"])
 def enc_keys(slave: str) -> Response:
     """Get key (clause 5.2): GET with number/size only, or POST a Key request."""
-    flows = _flows()
-    master = _caller(flows)
+    edge = _edge()
+    master = _caller(edge)
     slave = sae_id(slave)
     with kmelog.log_context(sae_id=master):
-        limits = _limits(flows, slave)
+        assert edge.routes is not None  # noqa: S101 - the 014 edge is built with routes
+        limits, _ = limits_for(edge.config, edge.routes, slave)
         if request.method == "GET":
             req = etsi014.parse_key_request_query(request.args.to_dict(flat=False), limits)
         else:
             req = etsi014.parse_key_request_body(request.get_data(), limits)
         etsi014.check_slaves(master, slave, req, limits)
-        keys = flows.enc_keys(master, slave, req.number, req.size, req.additional_slave_sae_ids)
+        deadline = Deadline.after(edge.config.gateway.relay_timeout_ms / 1000)
+        keys = edge.relay.get_keys(master, (slave, *req.additional_slave_sae_ids), req.number,
+                                   req.size, deadline)
         return json_response(etsi014.key_container(keys))
 
 
 @blueprint.route("/api/v1/keys/<path:master>/dec_keys", methods=["GET", "POST"])
 def dec_keys(master: str) -> Response:
     """Get key with key IDs (clause 5.3): the caller is the slave, the path names the master."""
-    flows = _flows()
-    slave = _caller(flows)
+    edge = _edge()
+    slave = _caller(edge)
     master = sae_id(master)
     with kmelog.log_context(sae_id=slave):
         if request.method == "GET":
             key_ids = etsi014.parse_key_ids_query(request.args.to_dict(flat=False))
         else:
             key_ids = etsi014.parse_key_ids_body(request.get_data())
-        keys = flows.dec_keys(slave, master, key_ids)
+        assert edge.vault is not None  # noqa: S101 - the 014 edge is built with the keyvault
+        keys = flows.dec_keys(edge.config, edge.vault.take, slave, master, key_ids)
         return json_response(etsi014.key_container(keys))

@@ -30,8 +30,9 @@ from kme.rpc.v1 import relay_pb2, relay_pb2_grpc
 from kme.types import NodeId, SaeId, SecretBytes
 from relay import envelope as env
 from relay import kem
-from relay.client import RelayClient, RelayPeerClient, peer_channel
+from relay.client import RelayClient
 from relay.hopkey import combine
+from relay.peer import RelayPeerClient, peer_channel
 from tests.federation import FederationFiles
 from tests.helpers import Pki, ServiceProcess
 

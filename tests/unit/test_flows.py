@@ -1,9 +1,12 @@
 """kme.flows with fakes: the delivery logic of enc_keys / dec_keys / ext_keys / void.
 
 Each node gets a real RoutingTable (pure logic) and in-memory fakes for the
-keyvault, QKD devices and relay; the fake relay hands a message straight to
-the neighbour's Flows, so multi-hop behaviour is exercised without processes.
-The real services are tested with real processes in tests/integration.
+keyvault, its job table, QKD devices and the hop; the fake hop hands a
+message straight to the neighbour's receiver, and a refusal crosses the same
+two tables a real one does (gateway/errors.py renders it as problem details,
+relay/outcomes.py reads it back), so multi-hop behaviour is exercised
+without processes. The real services are tested with real processes in
+tests/integration.
 """
 
 from __future__ import annotations
@@ -28,20 +31,18 @@ from kme.config import (
     Kmstn,
     Link,
     NodeConfig,
+    QkdDeviceAccess,
     QkdLink,
     RelaySettings,
     Topology,
 )
+from gateway.errors import etsi020_problem
+from kme import flows as kflows
 from kme.errors import ErrorCode, KmstnError
-from kme.flows import (
-    DeviceKeysNotice,
-    Flows,
-    ForwardResult,
-    OpenedMessage,
-    Retrier,
-    StoreRequest,
-)
-from kme.types import Key, NodeId, SaeId, SecretBytes
+from kme.flows import AckMessage, DeviceKeysNotice, Flows, Job, Outgoing, Retrier
+from kme.types import Deadline, Key, KeyGrant, NodeId, SaeId, SecretBytes
+from relay.outcomes import read_answer
+from relay.transport import encode
 from routing.graph import RoutingTable
 
 
@@ -50,7 +51,7 @@ class FakeVault:
         self.keys: dict[uuid.UUID, dict[str, Any]] = {}
         self.cond = threading.Condition()
 
-    def store(self, items: Sequence[StoreRequest]) -> int:
+    def store(self, items: Sequence[KeyGrant]) -> None:
         with self.cond:
             for it in items:
                 old = self.keys.get(it.key.key_id)
@@ -59,7 +60,6 @@ class FakeVault:
                 self.keys[it.key.key_id] = {"key": it.key, "master": it.master_sae_id,
                                             "allowed": set(it.allowed_sae_ids), "taken": set()}
             self.cond.notify_all()
-        return len(items)
 
     def take(self, sae: str, master: str, ids: Sequence[uuid.UUID], wait_ms: int = 0
              ) -> list[Key]:
@@ -77,7 +77,8 @@ class FakeVault:
             return [r["key"] for r in recs]  # type: ignore[index]
 
     def void(self, ids: Sequence[uuid.UUID], initiator: str, targets: Sequence[str],
-             all_confirmation: bool = False) -> list[etsi020.AckContainer]:
+             all_confirmation: bool = False, upstream: NodeId | None = None
+             ) -> list[etsi020.AckContainer]:
         with self.cond:
             gone = [i for i in ids if self.keys.pop(i, None) is not None]
         missing = [i for i in ids if i not in gone]
@@ -145,42 +146,100 @@ class FakeDevices:
         return next(FakeDevice(s, self.node) for s in self.links.values() if s.link.id == link_id)
 
 
+class FakeJobs:
+    """The keyvault's job table, in memory."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[uuid.UUID, Job] = {}
+
+    def put(self, jobs: Sequence[Job]) -> None:
+        self.jobs.update((j.id, j) for j in jobs)
+
+    def done(self, job_id: uuid.UUID) -> None:
+        self.jobs.pop(job_id, None)
+
+    def retry_later(self, job_id: uuid.UUID, due_unix_ms: int, attempts: int) -> None:
+        pass
+
+    def due(self, limit: int) -> list[Job]:
+        return list(self.jobs.values())[:limit]
+
+
 @dataclass
-class FakeRelay:
+class FakeHop:
     node: NodeId
     net: Federation
     sent: list[tuple[str, str]] = field(default_factory=list)
 
-    def forward(self, next_hop: str, message_type: str, body: bytes, hop: int,
-                timeout: float) -> ForwardResult:
-        self.sent.append((next_hop, message_type))
-        if next_hop in self.net.down:
+    def send(self, peer: NodeId, message: Outgoing, hop: int, deadline: Deadline
+             ) -> list[etsi020.AckContainer]:
+        message_type, body = encode(message)
+        self.sent.append((peer, message_type))
+        if peer in self.net.down:
             raise KmstnError(ErrorCode.UNAVAILABLE, "peer unreachable")
-        peer = self.net.flows[NodeId(next_hop)]
+        receiver = self.net.flows[NodeId(peer)].receiver
         try:
-            if message_type == "ext_keys":
+            if isinstance(message, etsi020.ExtKeyContainer):
                 c = etsi020.parse_ext_keys(body)
-                acks = peer.ext_keys(self.node, c, hop)
-            elif message_type == "void":
-                acks = peer.void(self.node, etsi020.parse_void(body), hop)
-            elif message_type == "device_keys":
-                acks = peer.device_keys(self.node, DeviceKeysNotice.from_json(body))
+                acks = receiver.ext_keys(self.node, c, hop, deadline)
+            elif isinstance(message, etsi020.VoidContainer):
+                acks = receiver.void(self.node, etsi020.parse_void(body), hop, deadline)
+            elif isinstance(message, DeviceKeysNotice):
+                acks = receiver.device_keys(self.node, DeviceKeysNotice.from_json(body),
+                                            deadline)
             else:
                 raise AssertionError(message_type)
         except KmstnError as exc:
-            status = 400 if exc.code in (ErrorCode.INVALID_ARGUMENT, ErrorCode.KEY_CONFLICT,
-                                         ErrorCode.INVALID_ROUTING, ErrorCode.UNKNOWN_SAE) else 503
-            return ForwardResult(status, exc.public.encode())
-        return ForwardResult(200, etsi020.acks_json(acks))
+            status, problem = etsi020_problem(exc)  # what the neighbour's listener sends
+            return read_answer(status, problem, message_type)
+        return read_answer(200, etsi020.acks_json(acks), message_type)
 
-    def open(self, peer: str, message_type: str, envelope: bytes) -> OpenedMessage:
-        return OpenedMessage(envelope, 1)
-
-    def deliver_ack(self, peer: str, acks: Sequence[etsi020.AckContainer]) -> list[uuid.UUID]:
+    def acks_arrived(self, peer: NodeId, acks: Sequence[etsi020.AckContainer]
+                     ) -> list[uuid.UUID]:
         return []
 
-    def send_ack(self, peer: str, url: str, acks: Sequence[etsi020.AckContainer]) -> int:
-        return 200
+
+class Node:
+    """One node's flows, called the way its two gateways call them."""
+
+    def __init__(self, cfg: NodeConfig, flows: Flows, vault: FakeVault) -> None:
+        self.cfg = cfg
+        self.flows = flows
+        self.vault = vault
+
+    def enc_keys(self, master: str, slave: str, number: int, size: int,
+                 additional_slaves: Sequence[str] = ()) -> list[Key]:
+        return self.flows.northbound.enc_keys(master, [slave, *additional_slaves], number,
+                                              size, Deadline.after(10))
+
+    def dec_keys(self, slave: str, master: str, ids: Sequence[uuid.UUID]) -> list[Key]:
+        return kflows.dec_keys(self.cfg, self.vault.take, slave, master, ids)
+
+    def plan_ext_keys(self, peer: NodeId, c: etsi020.ExtKeyContainer, hop: int) -> Any:
+        return self.flows.receiver.plan(peer, c, hop)
+
+    def ext_keys(self, peer: NodeId, c: etsi020.ExtKeyContainer, hop: int
+                 ) -> list[etsi020.AckContainer]:
+        return self.flows.receiver.ext_keys(peer, c, hop, Deadline.after(10))
+
+    def void(self, peer: NodeId, v: etsi020.VoidContainer, hop: int
+             ) -> list[etsi020.AckContainer]:
+        return self.flows.receiver.void(peer, v, hop, Deadline.after(10))
+
+    @property
+    def receiver(self) -> Any:
+        return self.flows.receiver
+
+    @property
+    def _retrier(self) -> Any:  # pending durable work
+        return self.flows.jobs
+
+    @property
+    def _pool(self) -> Any:
+        return self.flows.ctx.pool
+
+    def close(self) -> None:
+        self.flows.close()
 
 
 class Federation:
@@ -208,21 +267,25 @@ class Federation:
         self.shared = shared
         self.down: set[str] = set()
         self.vaults: dict[NodeId, FakeVault] = {}
-        self.flows: dict[NodeId, Flows] = {}
-        self.relays: dict[NodeId, FakeRelay] = {}
+        self.flows: dict[NodeId, Node] = {}
+        self.relays: dict[NodeId, FakeHop] = {}
         for node in nodes:
             cfg = NodeConfig(
                 source=Path("/mem"), node=nodes[node], topology=self.topology,
                 data_dir=Path("/nonexistent"), tls=None, keyvault_endpoint=None,  # type: ignore[arg-type]
                 routing_endpoint=None, relay_endpoint=None, log_level="info",  # type: ignore[arg-type]
                 gateway=GatewaySettings(delivery=delivery, inflight_wait_ms=2000),  # type: ignore[arg-type]
-                keyvault=KeyvaultSettings(), relay=RelaySettings(), qkd_devices={})
+                keyvault=KeyvaultSettings(), relay=RelaySettings(),
+                qkd_devices={ln.id: QkdDeviceAccess(ln.id, None)  # type: ignore[arg-type]
+                             for ln in links if isinstance(ln, QkdLink) and node in (ln.a, ln.b)})
             mine = {ln.other(node): shared[ln.id] for ln in links
                     if isinstance(ln, QkdLink) and node in (ln.a, ln.b)}
             self.vaults[node] = FakeVault()
-            self.relays[node] = FakeRelay(node, self)
-            self.flows[node] = Flows(cfg, RoutingTable(self.topology, node), self.vaults[node],
-                                     self.relays[node], FakeDevices(node, mine), workers=4)
+            self.relays[node] = FakeHop(node, self)
+            flows = Flows(cfg, RoutingTable(self.topology, node), self.vaults[node],
+                          self.relays[node], FakeDevices(node, mine),  # type: ignore[arg-type]
+                          FakeJobs(), workers=4)
+            self.flows[node] = Node(cfg, flows, self.vaults[node])
 
     def close(self) -> None:
         for f in self.flows.values():

@@ -26,8 +26,8 @@ from kme.errors import ErrorCode, KmstnError
 from kme.types import Key, NodeId, SaeId, SecretBytes
 from relay import envelope as env
 from relay import kem
+from relay.hop import Opener, Sealer
 from relay.hopkey import DeviceClient, HopLinks, combine
-from relay.service import Opener, Sealer
 from tests.federation import FederationFiles
 from tests.helpers import Pki
 

@@ -8,8 +8,9 @@ node's relay for every message; over a QKD link it also takes a QKD key
 from the shared device, and the message key is QKD key XOR KEM secret
 (over a PQC link, the KEM secret alone). The whole 020 message is sealed
 with AES-256-GCM into a JSON envelope whose associated data binds source
-node, destination node, hop and session. The receiver rebuilds the key,
-opens the envelope, and hands the inner message back to its gateway.
+node, destination node, hop, session and the request's deadline. The
+receiver rebuilds the key, opens the envelope and acts on the message
+itself: the 020 gateway in front of it never sees the plaintext.
 """
 
 from collections import abc as _abc
@@ -64,69 +65,375 @@ device, POST /kmapi/v1/kmstn/device_keys.
 Global___MessageType: _TypeAlias = MessageType  # noqa: Y015
 
 @_typing.final
-class ForwardRequest(_message.Message):
+class GetKeysRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    NEXT_HOP_NODE_ID_FIELD_NUMBER: _builtins.int
-    MESSAGE_TYPE_FIELD_NUMBER: _builtins.int
-    BODY_FIELD_NUMBER: _builtins.int
-    HOP_FIELD_NUMBER: _builtins.int
-    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
-    next_hop_node_id: _builtins.str
-    """The neighbour to send to (the route's next hop)."""
-    message_type: Global___MessageType.ValueType
-    body: _builtins.bytes
-    """The ETSI 020 JSON body, UTF-8."""
-    hop: _builtins.int
-    """Position of this hop on the path from the initiator (1 = first hop)."""
-    timeout_ms: _builtins.int
-    """Give up after this long; 0 = the relay's default."""
+    MASTER_SAE_ID_FIELD_NUMBER: _builtins.int
+    SLAVE_SAE_IDS_FIELD_NUMBER: _builtins.int
+    NUMBER_FIELD_NUMBER: _builtins.int
+    SIZE_BITS_FIELD_NUMBER: _builtins.int
+    master_sae_id: _builtins.str
+    """The master SAE, from its verified certificate."""
+    number: _builtins.int
+    """Keys to make (1 to max_key_per_request) and their size in bits."""
+    size_bits: _builtins.int
+    @_builtins.property
+    def slave_sae_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The slave of the path first, then additional_slave_SAE_IDs (multicast)."""
+
     def __init__(
         self,
         *,
-        next_hop_node_id: _builtins.str = ...,
-        message_type: Global___MessageType.ValueType = ...,
-        body: _builtins.bytes = ...,
-        hop: _builtins.int = ...,
-        timeout_ms: _builtins.int = ...,
+        master_sae_id: _builtins.str = ...,
+        slave_sae_ids: _abc.Iterable[_builtins.str] | None = ...,
+        number: _builtins.int = ...,
+        size_bits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "hop", b"hop", "message_type", b"message_type", "next_hop_node_id", b"next_hop_node_id", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["master_sae_id", b"master_sae_id", "number", b"number", "size_bits", b"size_bits", "slave_sae_ids", b"slave_sae_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ForwardRequest: _TypeAlias = ForwardRequest  # noqa: Y015
+Global___GetKeysRequest: _TypeAlias = GetKeysRequest  # noqa: Y015
 
 @_typing.final
-class ForwardResponse(_message.Message):
+class GetKeysResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    HTTP_STATUS_FIELD_NUMBER: _builtins.int
-    BODY_FIELD_NUMBER: _builtins.int
-    ACKS_FIELD_NUMBER: _builtins.int
-    http_status: _builtins.int
-    """The neighbour's HTTP status (200, 202, 400, ...)."""
-    body: _builtins.bytes
-    """The neighbour's JSON answer, if any (ack_containers or problem details)."""
+    KEYS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def acks(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.AckContainer]:
-        """For an asynchronous exchange with a foreign KMS: the acks received."""
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.KeyMaterial]:
+        """In the order made; every slave can take each of them once."""
 
     def __init__(
         self,
         *,
-        http_status: _builtins.int = ...,
-        body: _builtins.bytes = ...,
+        keys: _abc.Iterable[_common_pb2.KeyMaterial] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetKeysResponse: _TypeAlias = GetKeysResponse  # noqa: Y015
+
+@_typing.final
+class GetStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MASTER_SAE_ID_FIELD_NUMBER: _builtins.int
+    SLAVE_SAE_ID_FIELD_NUMBER: _builtins.int
+    master_sae_id: _builtins.str
+    slave_sae_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        master_sae_id: _builtins.str = ...,
+        slave_sae_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["master_sae_id", b"master_sae_id", "slave_sae_id", b"slave_sae_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
+
+@_typing.final
+class GetStatusResponse(_message.Message):
+    """ETSI GS QKD 014 clause 6.1 Status, field for field."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_KME_ID_FIELD_NUMBER: _builtins.int
+    TARGET_KME_ID_FIELD_NUMBER: _builtins.int
+    MASTER_SAE_ID_FIELD_NUMBER: _builtins.int
+    SLAVE_SAE_ID_FIELD_NUMBER: _builtins.int
+    KEY_SIZE_FIELD_NUMBER: _builtins.int
+    STORED_KEY_COUNT_FIELD_NUMBER: _builtins.int
+    MAX_KEY_COUNT_FIELD_NUMBER: _builtins.int
+    MAX_KEY_PER_REQUEST_FIELD_NUMBER: _builtins.int
+    MAX_KEY_SIZE_FIELD_NUMBER: _builtins.int
+    MIN_KEY_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_SAE_ID_COUNT_FIELD_NUMBER: _builtins.int
+    source_kme_id: _builtins.str
+    target_kme_id: _builtins.str
+    master_sae_id: _builtins.str
+    slave_sae_id: _builtins.str
+    key_size: _builtins.int
+    stored_key_count: _builtins.int
+    max_key_count: _builtins.int
+    max_key_per_request: _builtins.int
+    max_key_size: _builtins.int
+    min_key_size: _builtins.int
+    max_sae_id_count: _builtins.int
+    def __init__(
+        self,
+        *,
+        source_kme_id: _builtins.str = ...,
+        target_kme_id: _builtins.str = ...,
+        master_sae_id: _builtins.str = ...,
+        slave_sae_id: _builtins.str = ...,
+        key_size: _builtins.int = ...,
+        stored_key_count: _builtins.int = ...,
+        max_key_count: _builtins.int = ...,
+        max_key_per_request: _builtins.int = ...,
+        max_key_size: _builtins.int = ...,
+        min_key_size: _builtins.int = ...,
+        max_sae_id_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_size", b"key_size", "master_sae_id", b"master_sae_id", "max_key_count", b"max_key_count", "max_key_per_request", b"max_key_per_request", "max_key_size", b"max_key_size", "max_sae_id_count", b"max_sae_id_count", "min_key_size", b"min_key_size", "slave_sae_id", b"slave_sae_id", "source_kme_id", b"source_kme_id", "stored_key_count", b"stored_key_count", "target_kme_id", b"target_kme_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class ExtKey(_message.Message):
+    """One key of an ETSI 020 ext_key_container, with its per-key extension."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    EXTENSION_JSON_FIELD_NUMBER: _builtins.int
+    extension_json: _builtins.bytes
+    """keys[].extension as a JSON object (passed on unchanged); empty = none."""
+    @_builtins.property
+    def key(self) -> _common_pb2.KeyMaterial: ...
+    def __init__(
+        self,
+        *,
+        key: _common_pb2.KeyMaterial | None = ...,
+        extension_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extension_json", b"extension_json", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtKey: _TypeAlias = ExtKey  # noqa: Y015
+
+@_typing.final
+class ExtKeysMessage(_message.Message):
+    """ETSI 020 ext_key_container (POST /kmapi/v1/ext_keys), parsed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    INITIATOR_SAE_ID_FIELD_NUMBER: _builtins.int
+    TARGET_SAE_IDS_FIELD_NUMBER: _builtins.int
+    ACK_CALLBACK_URL_FIELD_NUMBER: _builtins.int
+    EXTENSION_MANDATORY_JSON_FIELD_NUMBER: _builtins.int
+    EXTENSION_OPTIONAL_JSON_FIELD_NUMBER: _builtins.int
+    initiator_sae_id: _builtins.str
+    ack_callback_url: _builtins.str
+    """Set: asynchronous mode (answer 202, POST the acks here later)."""
+    extension_mandatory_json: _builtins.bytes
+    """extension_mandatory / extension_optional objects as JSON; empty = none."""
+    extension_optional_json: _builtins.bytes
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExtKey]: ...
+    @_builtins.property
+    def target_sae_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___ExtKey] | None = ...,
+        initiator_sae_id: _builtins.str = ...,
+        target_sae_ids: _abc.Iterable[_builtins.str] | None = ...,
+        ack_callback_url: _builtins.str = ...,
+        extension_mandatory_json: _builtins.bytes = ...,
+        extension_optional_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_callback_url", b"ack_callback_url", "extension_mandatory_json", b"extension_mandatory_json", "extension_optional_json", b"extension_optional_json", "initiator_sae_id", b"initiator_sae_id", "keys", b"keys", "target_sae_ids", b"target_sae_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtKeysMessage: _TypeAlias = ExtKeysMessage  # noqa: Y015
+
+@_typing.final
+class VoidMessage(_message.Message):
+    """ETSI 020 void_container (POST /kmapi/v1/ext_keys/void), parsed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_IDS_FIELD_NUMBER: _builtins.int
+    INITIATOR_SAE_ID_FIELD_NUMBER: _builtins.int
+    TARGET_SAE_IDS_FIELD_NUMBER: _builtins.int
+    ACK_CALLBACK_URL_FIELD_NUMBER: _builtins.int
+    ALL_CONFIRMATION_FIELD_NUMBER: _builtins.int
+    EXTENSION_JSON_FIELD_NUMBER: _builtins.int
+    initiator_sae_id: _builtins.str
+    ack_callback_url: _builtins.str
+    all_confirmation: _builtins.bool
+    extension_json: _builtins.bytes
+    @_builtins.property
+    def key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Empty with all_confirmation: every key of this initiator/target set."""
+
+    @_builtins.property
+    def target_sae_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        key_ids: _abc.Iterable[_builtins.str] | None = ...,
+        initiator_sae_id: _builtins.str = ...,
+        target_sae_ids: _abc.Iterable[_builtins.str] | None = ...,
+        ack_callback_url: _builtins.str = ...,
+        all_confirmation: _builtins.bool = ...,
+        extension_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_callback_url", b"ack_callback_url", "all_confirmation", b"all_confirmation", "extension_json", b"extension_json", "initiator_sae_id", b"initiator_sae_id", "key_ids", b"key_ids", "target_sae_ids", b"target_sae_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoidMessage: _TypeAlias = VoidMessage  # noqa: Y015
+
+@_typing.final
+class AckList(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def acks(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.AckContainer]: ...
+    def __init__(
+        self,
+        *,
         acks: _abc.Iterable[_common_pb2.AckContainer] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "body", b"body", "http_status", b"http_status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ForwardResponse: _TypeAlias = ForwardResponse  # noqa: Y015
+Global___AckList: _TypeAlias = AckList  # noqa: Y015
+
+@_typing.final
+class ReceiveRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_NODE_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_TYPE_FIELD_NUMBER: _builtins.int
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    EXT_KEYS_FIELD_NUMBER: _builtins.int
+    VOID_FIELD_NUMBER: _builtins.int
+    ACKS_FIELD_NUMBER: _builtins.int
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    peer_node_id: _builtins.str
+    """The neighbour that sent it, from its verified TLS certificate."""
+    message_type: Global___MessageType.ValueType
+    """The endpoint it arrived at."""
+    envelope: _builtins.bytes
+    """A kmstn neighbour's sealed envelope, as received."""
+    deadline_unix_ms: _builtins.int
+    """The absolute deadline the sender announced (Unix time, ms; the
+    Kmstn-Deadline header); 0 = none. For a sealed message the relay trusts
+    only the deadline bound into the envelope.
+    """
+    @_builtins.property
+    def ext_keys(self) -> Global___ExtKeysMessage:
+        """A foreign KMS's plain ETSI 020 message, parsed by the listener."""
+
+    @_builtins.property
+    def void(self) -> Global___VoidMessage: ...
+    @_builtins.property
+    def acks(self) -> Global___AckList: ...
+    def __init__(
+        self,
+        *,
+        peer_node_id: _builtins.str = ...,
+        message_type: Global___MessageType.ValueType = ...,
+        envelope: _builtins.bytes = ...,
+        ext_keys: Global___ExtKeysMessage | None = ...,
+        void: Global___VoidMessage | None = ...,
+        acks: Global___AckList | None = ...,
+        deadline_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "envelope", b"envelope", "ext_keys", b"ext_keys", "message", b"message", "void", b"void"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "deadline_unix_ms", b"deadline_unix_ms", "envelope", b"envelope", "ext_keys", b"ext_keys", "message", b"message", "message_type", b"message_type", "peer_node_id", b"peer_node_id", "void", b"void"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["envelope", "ext_keys", "void", "acks"]  # noqa: Y015
+    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
+
+Global___ReceiveRequest: _TypeAlias = ReceiveRequest  # noqa: Y015
+
+@_typing.final
+class Accepted(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Accepted: _TypeAlias = Accepted  # noqa: Y015
+
+@_typing.final
+class Done(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Done: _TypeAlias = Done  # noqa: Y015
+
+@_typing.final
+class ReceiveResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACKS_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def acks(self) -> Global___AckList:
+        """200 with ack_containers (synchronous mode)."""
+
+    @_builtins.property
+    def accepted(self) -> Global___Accepted:
+        """202: asynchronous mode; the acks go to the callback URL."""
+
+    @_builtins.property
+    def done(self) -> Global___Done:
+        """200 with no body: an incoming ack was taken."""
+
+    def __init__(
+        self,
+        *,
+        acks: Global___AckList | None = ...,
+        accepted: Global___Accepted | None = ...,
+        done: Global___Done | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "acks", b"acks", "answer", b"answer", "done", b"done"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "acks", b"acks", "answer", b"answer", "done", b"done"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_answer: _TypeAlias = _typing.Literal["acks", "accepted", "done"]  # noqa: Y015
+    _WhichOneofArgType_answer: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_answer) -> _WhichOneofReturnType_answer | None: ...
+
+Global___ReceiveResponse: _TypeAlias = ReceiveResponse  # noqa: Y015
 
 @_typing.final
 class SealRequest(_message.Message):
@@ -233,97 +540,6 @@ class OpenResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OpenResponse: _TypeAlias = OpenResponse  # noqa: Y015
-
-@_typing.final
-class DeliverAckRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    PEER_NODE_ID_FIELD_NUMBER: _builtins.int
-    ACKS_FIELD_NUMBER: _builtins.int
-    peer_node_id: _builtins.str
-    @_builtins.property
-    def acks(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.AckContainer]: ...
-    def __init__(
-        self,
-        *,
-        peer_node_id: _builtins.str = ...,
-        acks: _abc.Iterable[_common_pb2.AckContainer] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "peer_node_id", b"peer_node_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___DeliverAckRequest: _TypeAlias = DeliverAckRequest  # noqa: Y015
-
-@_typing.final
-class DeliverAckResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    UNKNOWN_KEY_IDS_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def unknown_key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Key IDs no pending Forward was waiting for (ETSI 020: key_not_present)."""
-
-    def __init__(
-        self,
-        *,
-        unknown_key_ids: _abc.Iterable[_builtins.str] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["unknown_key_ids", b"unknown_key_ids"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___DeliverAckResponse: _TypeAlias = DeliverAckResponse  # noqa: Y015
-
-@_typing.final
-class SendAckRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    PEER_NODE_ID_FIELD_NUMBER: _builtins.int
-    CALLBACK_URL_FIELD_NUMBER: _builtins.int
-    ACKS_FIELD_NUMBER: _builtins.int
-    peer_node_id: _builtins.str
-    """The neighbour whose ack_callback_url this is."""
-    callback_url: _builtins.str
-    @_builtins.property
-    def acks(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.AckContainer]: ...
-    def __init__(
-        self,
-        *,
-        peer_node_id: _builtins.str = ...,
-        callback_url: _builtins.str = ...,
-        acks: _abc.Iterable[_common_pb2.AckContainer] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "callback_url", b"callback_url", "peer_node_id", b"peer_node_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SendAckRequest: _TypeAlias = SendAckRequest  # noqa: Y015
-
-@_typing.final
-class SendAckResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    HTTP_STATUS_FIELD_NUMBER: _builtins.int
-    http_status: _builtins.int
-    def __init__(
-        self,
-        *,
-        http_status: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["http_status", b"http_status"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SendAckResponse: _TypeAlias = SendAckResponse  # noqa: Y015
 
 @_typing.final
 class PublicKeysRequest(_message.Message):

@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class RelayStub:
-    """Internal service (unix socket), called by the node's own gateway and flows.
+    """Internal service (unix socket), called by the node's own gateways. The
+    relay owns every hop: it opens what arrives, decides (store here, forward,
+    refuse), stores through the keyvault or seals and forwards, and answers
+    with typed acks. The gateways are edges: they never see an envelope's
+    inside, and a transit hop costs them one call here.
     """
 
     def __init__(self, channel):
@@ -35,10 +39,20 @@ class RelayStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Forward = channel.unary_unary(
-                '/kme.rpc.v1.Relay/Forward',
-                request_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.ForwardRequest.SerializeToString,
-                response_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.ForwardResponse.FromString,
+        self.GetKeys = channel.unary_unary(
+                '/kme.rpc.v1.Relay/GetKeys',
+                request_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.GetKeysRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.GetKeysResponse.FromString,
+                _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/kme.rpc.v1.Relay/GetStatus',
+                request_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.GetStatusResponse.FromString,
+                _registered_method=True)
+        self.Receive = channel.unary_unary(
+                '/kme.rpc.v1.Relay/Receive',
+                request_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.ReceiveRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.ReceiveResponse.FromString,
                 _registered_method=True)
         self.Seal = channel.unary_unary(
                 '/kme.rpc.v1.Relay/Seal',
@@ -50,61 +64,58 @@ class RelayStub:
                 request_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.OpenRequest.SerializeToString,
                 response_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.OpenResponse.FromString,
                 _registered_method=True)
-        self.DeliverAck = channel.unary_unary(
-                '/kme.rpc.v1.Relay/DeliverAck',
-                request_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.DeliverAckRequest.SerializeToString,
-                response_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.DeliverAckResponse.FromString,
-                _registered_method=True)
-        self.SendAck = channel.unary_unary(
-                '/kme.rpc.v1.Relay/SendAck',
-                request_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.SendAckRequest.SerializeToString,
-                response_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.SendAckResponse.FromString,
-                _registered_method=True)
 
 
 class RelayServicer:
-    """Internal service (unix socket), called by the node's own gateway and flows.
+    """Internal service (unix socket), called by the node's own gateways. The
+    relay owns every hop: it opens what arrives, decides (store here, forward,
+    refuse), stores through the keyvault or seals and forwards, and answers
+    with typed acks. The gateways are edges: they never see an envelope's
+    inside, and a transit hop costs them one call here.
     """
 
-    def Forward(self, request, context):
-        """Send one ETSI 020 message to a neighbour's 020 endpoint and return its
-        answer. Toward a kmstn neighbour the message is sealed in the envelope;
-        toward a foreign KMS (site link) it goes as plain ETSI 020 JSON. In
-        asynchronous mode toward a foreign KMS the call waits for the peer's ack
-        (delivered through DeliverAck) up to the deadline.
+    def GetKeys(self, request, context):
+        """ETSI GS QKD 014 Get key (clause 5.2) for a master SAE served by this
+        node, already authenticated and parsed by the 014 gateway: take keys from
+        the QKD device (or the CSPRNG), place them for every slave (own keyvault,
+        device-keys notice to a QKD neighbour, ext_keys hop by hop) and answer
+        with the keys. The gRPC deadline is the request's one absolute deadline;
+        it travels with every hop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStatus(self, request, context):
+        """ETSI GS QKD 014 Get status (clause 5.1) for a master/slave pair.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Receive(self, request, context):
+        """One ETSI GS QKD 020 request that arrived at this node's 020 listener
+        from a neighbour: sealed (a kmstn neighbour; the relay opens it) or plain
+        and already parsed (a foreign KMS). The answer is what the listener
+        renders: ack containers (200), accepted (202, acks follow to the
+        callback URL), or done (200, no body, for an incoming ack). Failures are
+        typed KmstnErrors (ErrorCode in the trailing metadata).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Seal(self, request, context):
-        """Seal one message for a neighbour without sending it (tests, benchmarks,
-        and callers that carry the envelope themselves).
+        """Seal one message for a neighbour without sending it (tests, benchmarks).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Open(self, request, context):
-        """Open an envelope received from a neighbour whose identity the caller
-        has verified (TLS peer certificate). Tampering, an unknown or reused
-        session, or a QKD key the local device does not have give a clear error
-        (FAILED_PRECONDITION / INVALID_ARGUMENT) and consume nothing else.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def DeliverAck(self, request, context):
-        """Hand an ETSI 020 ack that arrived at this node's ack endpoint to the
-        Forward call waiting for it.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def SendAck(self, request, context):
-        """POST ack containers to a neighbour's ack_callback_url.
+        """Open an envelope from a neighbour without acting on it (tests,
+        benchmarks). Tampering, an unknown or reused session, or a QKD key the
+        local device does not have give a clear error and consume nothing else.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,10 +124,20 @@ class RelayServicer:
 
 def add_RelayServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Forward': grpc.unary_unary_rpc_method_handler(
-                    servicer.Forward,
-                    request_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.ForwardRequest.FromString,
-                    response_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.ForwardResponse.SerializeToString,
+            'GetKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKeys,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.GetKeysRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.GetKeysResponse.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.GetStatusRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'Receive': grpc.unary_unary_rpc_method_handler(
+                    servicer.Receive,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.ReceiveRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.ReceiveResponse.SerializeToString,
             ),
             'Seal': grpc.unary_unary_rpc_method_handler(
                     servicer.Seal,
@@ -128,16 +149,6 @@ def add_RelayServicer_to_server(servicer, server):
                     request_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.OpenRequest.FromString,
                     response_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.OpenResponse.SerializeToString,
             ),
-            'DeliverAck': grpc.unary_unary_rpc_method_handler(
-                    servicer.DeliverAck,
-                    request_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.DeliverAckRequest.FromString,
-                    response_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.DeliverAckResponse.SerializeToString,
-            ),
-            'SendAck': grpc.unary_unary_rpc_method_handler(
-                    servicer.SendAck,
-                    request_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.SendAckRequest.FromString,
-                    response_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.SendAckResponse.SerializeToString,
-            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'kme.rpc.v1.Relay', rpc_method_handlers)
@@ -147,11 +158,15 @@ def add_RelayServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Relay:
-    """Internal service (unix socket), called by the node's own gateway and flows.
+    """Internal service (unix socket), called by the node's own gateways. The
+    relay owns every hop: it opens what arrives, decides (store here, forward,
+    refuse), stores through the keyvault or seals and forwards, and answers
+    with typed acks. The gateways are edges: they never see an envelope's
+    inside, and a transit hop costs them one call here.
     """
 
     @staticmethod
-    def Forward(request,
+    def GetKeys(request,
             target,
             options=(),
             channel_credentials=None,
@@ -164,9 +179,63 @@ class Relay:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/kme.rpc.v1.Relay/Forward',
-            kme_dot_rpc_dot_v1_dot_relay__pb2.ForwardRequest.SerializeToString,
-            kme_dot_rpc_dot_v1_dot_relay__pb2.ForwardResponse.FromString,
+            '/kme.rpc.v1.Relay/GetKeys',
+            kme_dot_rpc_dot_v1_dot_relay__pb2.GetKeysRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_relay__pb2.GetKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kme.rpc.v1.Relay/GetStatus',
+            kme_dot_rpc_dot_v1_dot_relay__pb2.GetStatusRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_relay__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Receive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kme.rpc.v1.Relay/Receive',
+            kme_dot_rpc_dot_v1_dot_relay__pb2.ReceiveRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_relay__pb2.ReceiveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -221,60 +290,6 @@ class Relay:
             '/kme.rpc.v1.Relay/Open',
             kme_dot_rpc_dot_v1_dot_relay__pb2.OpenRequest.SerializeToString,
             kme_dot_rpc_dot_v1_dot_relay__pb2.OpenResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def DeliverAck(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/kme.rpc.v1.Relay/DeliverAck',
-            kme_dot_rpc_dot_v1_dot_relay__pb2.DeliverAckRequest.SerializeToString,
-            kme_dot_rpc_dot_v1_dot_relay__pb2.DeliverAckResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def SendAck(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/kme.rpc.v1.Relay/SendAck',
-            kme_dot_rpc_dot_v1_dot_relay__pb2.SendAckRequest.SerializeToString,
-            kme_dot_rpc_dot_v1_dot_relay__pb2.SendAckResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,8 +8,9 @@ node's relay for every message; over a QKD link it also takes a QKD key
 from the shared device, and the message key is QKD key XOR KEM secret
 (over a PQC link, the KEM secret alone). The whole 020 message is sealed
 with AES-256-GCM into a JSON envelope whose associated data binds source
-node, destination node, hop and session. The receiver rebuilds the key,
-opens the envelope, and hands the inner message back to its gateway.
+node, destination node, hop, session and the request's deadline. The
+receiver rebuilds the key, opens the envelope and acts on the message
+itself: the 020 gateway in front of it never sees the plaintext.
 """
 
 from collections import abc as _abc
@@ -36,79 +37,121 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class RelayStub:
-    """Internal service (unix socket), called by the node's own gateway and flows."""
+    """Internal service (unix socket), called by the node's own gateways. The
+    relay owns every hop: it opens what arrives, decides (store here, forward,
+    refuse), stores through the keyvault or seals and forwards, and answers
+    with typed acks. The gateways are edges: they never see an envelope's
+    inside, and a transit hop costs them one call here.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> RelayAsyncStub: ...
-    Forward: _grpc.UnaryUnaryMultiCallable[_relay_pb2.ForwardRequest, _relay_pb2.ForwardResponse]
-    """Send one ETSI 020 message to a neighbour's 020 endpoint and return its
-    answer. Toward a kmstn neighbour the message is sealed in the envelope;
-    toward a foreign KMS (site link) it goes as plain ETSI 020 JSON. In
-    asynchronous mode toward a foreign KMS the call waits for the peer's ack
-    (delivered through DeliverAck) up to the deadline.
+    GetKeys: _grpc.UnaryUnaryMultiCallable[_relay_pb2.GetKeysRequest, _relay_pb2.GetKeysResponse]
+    """ETSI GS QKD 014 Get key (clause 5.2) for a master SAE served by this
+    node, already authenticated and parsed by the 014 gateway: take keys from
+    the QKD device (or the CSPRNG), place them for every slave (own keyvault,
+    device-keys notice to a QKD neighbour, ext_keys hop by hop) and answer
+    with the keys. The gRPC deadline is the request's one absolute deadline;
+    it travels with every hop.
+    """
+    GetStatus: _grpc.UnaryUnaryMultiCallable[_relay_pb2.GetStatusRequest, _relay_pb2.GetStatusResponse]
+    """ETSI GS QKD 014 Get status (clause 5.1) for a master/slave pair."""
+    Receive: _grpc.UnaryUnaryMultiCallable[_relay_pb2.ReceiveRequest, _relay_pb2.ReceiveResponse]
+    """One ETSI GS QKD 020 request that arrived at this node's 020 listener
+    from a neighbour: sealed (a kmstn neighbour; the relay opens it) or plain
+    and already parsed (a foreign KMS). The answer is what the listener
+    renders: ack containers (200), accepted (202, acks follow to the
+    callback URL), or done (200, no body, for an incoming ack). Failures are
+    typed KmstnErrors (ErrorCode in the trailing metadata).
     """
     Seal: _grpc.UnaryUnaryMultiCallable[_relay_pb2.SealRequest, _relay_pb2.SealResponse]
-    """Seal one message for a neighbour without sending it (tests, benchmarks,
-    and callers that carry the envelope themselves).
-    """
+    """Seal one message for a neighbour without sending it (tests, benchmarks)."""
     Open: _grpc.UnaryUnaryMultiCallable[_relay_pb2.OpenRequest, _relay_pb2.OpenResponse]
-    """Open an envelope received from a neighbour whose identity the caller
-    has verified (TLS peer certificate). Tampering, an unknown or reused
-    session, or a QKD key the local device does not have give a clear error
-    (FAILED_PRECONDITION / INVALID_ARGUMENT) and consume nothing else.
+    """Open an envelope from a neighbour without acting on it (tests,
+    benchmarks). Tampering, an unknown or reused session, or a QKD key the
+    local device does not have give a clear error and consume nothing else.
     """
-    DeliverAck: _grpc.UnaryUnaryMultiCallable[_relay_pb2.DeliverAckRequest, _relay_pb2.DeliverAckResponse]
-    """Hand an ETSI 020 ack that arrived at this node's ack endpoint to the
-    Forward call waiting for it.
-    """
-    SendAck: _grpc.UnaryUnaryMultiCallable[_relay_pb2.SendAckRequest, _relay_pb2.SendAckResponse]
-    """POST ack containers to a neighbour's ack_callback_url."""
 
 @_typing.type_check_only
 class RelayAsyncStub(RelayStub):
-    """Internal service (unix socket), called by the node's own gateway and flows."""
+    """Internal service (unix socket), called by the node's own gateways. The
+    relay owns every hop: it opens what arrives, decides (store here, forward,
+    refuse), stores through the keyvault or seals and forwards, and answers
+    with typed acks. The gateways are edges: they never see an envelope's
+    inside, and a transit hop costs them one call here.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Forward: _aio.UnaryUnaryMultiCallable[_relay_pb2.ForwardRequest, _relay_pb2.ForwardResponse]  # type: ignore[assignment]
-    """Send one ETSI 020 message to a neighbour's 020 endpoint and return its
-    answer. Toward a kmstn neighbour the message is sealed in the envelope;
-    toward a foreign KMS (site link) it goes as plain ETSI 020 JSON. In
-    asynchronous mode toward a foreign KMS the call waits for the peer's ack
-    (delivered through DeliverAck) up to the deadline.
+    GetKeys: _aio.UnaryUnaryMultiCallable[_relay_pb2.GetKeysRequest, _relay_pb2.GetKeysResponse]  # type: ignore[assignment]
+    """ETSI GS QKD 014 Get key (clause 5.2) for a master SAE served by this
+    node, already authenticated and parsed by the 014 gateway: take keys from
+    the QKD device (or the CSPRNG), place them for every slave (own keyvault,
+    device-keys notice to a QKD neighbour, ext_keys hop by hop) and answer
+    with the keys. The gRPC deadline is the request's one absolute deadline;
+    it travels with every hop.
+    """
+    GetStatus: _aio.UnaryUnaryMultiCallable[_relay_pb2.GetStatusRequest, _relay_pb2.GetStatusResponse]  # type: ignore[assignment]
+    """ETSI GS QKD 014 Get status (clause 5.1) for a master/slave pair."""
+    Receive: _aio.UnaryUnaryMultiCallable[_relay_pb2.ReceiveRequest, _relay_pb2.ReceiveResponse]  # type: ignore[assignment]
+    """One ETSI GS QKD 020 request that arrived at this node's 020 listener
+    from a neighbour: sealed (a kmstn neighbour; the relay opens it) or plain
+    and already parsed (a foreign KMS). The answer is what the listener
+    renders: ack containers (200), accepted (202, acks follow to the
+    callback URL), or done (200, no body, for an incoming ack). Failures are
+    typed KmstnErrors (ErrorCode in the trailing metadata).
     """
     Seal: _aio.UnaryUnaryMultiCallable[_relay_pb2.SealRequest, _relay_pb2.SealResponse]  # type: ignore[assignment]
-    """Seal one message for a neighbour without sending it (tests, benchmarks,
-    and callers that carry the envelope themselves).
-    """
+    """Seal one message for a neighbour without sending it (tests, benchmarks)."""
     Open: _aio.UnaryUnaryMultiCallable[_relay_pb2.OpenRequest, _relay_pb2.OpenResponse]  # type: ignore[assignment]
-    """Open an envelope received from a neighbour whose identity the caller
-    has verified (TLS peer certificate). Tampering, an unknown or reused
-    session, or a QKD key the local device does not have give a clear error
-    (FAILED_PRECONDITION / INVALID_ARGUMENT) and consume nothing else.
+    """Open an envelope from a neighbour without acting on it (tests,
+    benchmarks). Tampering, an unknown or reused session, or a QKD key the
+    local device does not have give a clear error and consume nothing else.
     """
-    DeliverAck: _aio.UnaryUnaryMultiCallable[_relay_pb2.DeliverAckRequest, _relay_pb2.DeliverAckResponse]  # type: ignore[assignment]
-    """Hand an ETSI 020 ack that arrived at this node's ack endpoint to the
-    Forward call waiting for it.
-    """
-    SendAck: _aio.UnaryUnaryMultiCallable[_relay_pb2.SendAckRequest, _relay_pb2.SendAckResponse]  # type: ignore[assignment]
-    """POST ack containers to a neighbour's ack_callback_url."""
 
 class RelayServicer(metaclass=_abc_1.ABCMeta):
-    """Internal service (unix socket), called by the node's own gateway and flows."""
+    """Internal service (unix socket), called by the node's own gateways. The
+    relay owns every hop: it opens what arrives, decides (store here, forward,
+    refuse), stores through the keyvault or seals and forwards, and answers
+    with typed acks. The gateways are edges: they never see an envelope's
+    inside, and a transit hop costs them one call here.
+    """
 
     @_abc_1.abstractmethod
-    def Forward(
+    def GetKeys(
         self,
-        request: _relay_pb2.ForwardRequest,
+        request: _relay_pb2.GetKeysRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_relay_pb2.ForwardResponse, _abc.Awaitable[_relay_pb2.ForwardResponse]]:
-        """Send one ETSI 020 message to a neighbour's 020 endpoint and return its
-        answer. Toward a kmstn neighbour the message is sealed in the envelope;
-        toward a foreign KMS (site link) it goes as plain ETSI 020 JSON. In
-        asynchronous mode toward a foreign KMS the call waits for the peer's ack
-        (delivered through DeliverAck) up to the deadline.
+    ) -> _typing.Union[_relay_pb2.GetKeysResponse, _abc.Awaitable[_relay_pb2.GetKeysResponse]]:
+        """ETSI GS QKD 014 Get key (clause 5.2) for a master SAE served by this
+        node, already authenticated and parsed by the 014 gateway: take keys from
+        the QKD device (or the CSPRNG), place them for every slave (own keyvault,
+        device-keys notice to a QKD neighbour, ext_keys hop by hop) and answer
+        with the keys. The gRPC deadline is the request's one absolute deadline;
+        it travels with every hop.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStatus(
+        self,
+        request: _relay_pb2.GetStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_relay_pb2.GetStatusResponse, _abc.Awaitable[_relay_pb2.GetStatusResponse]]:
+        """ETSI GS QKD 014 Get status (clause 5.1) for a master/slave pair."""
+
+    @_abc_1.abstractmethod
+    def Receive(
+        self,
+        request: _relay_pb2.ReceiveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_relay_pb2.ReceiveResponse, _abc.Awaitable[_relay_pb2.ReceiveResponse]]:
+        """One ETSI GS QKD 020 request that arrived at this node's 020 listener
+        from a neighbour: sealed (a kmstn neighbour; the relay opens it) or plain
+        and already parsed (a foreign KMS). The answer is what the listener
+        renders: ack containers (200), accepted (202, acks follow to the
+        callback URL), or done (200, no body, for an incoming ack). Failures are
+        typed KmstnErrors (ErrorCode in the trailing metadata).
         """
 
     @_abc_1.abstractmethod
@@ -117,9 +160,7 @@ class RelayServicer(metaclass=_abc_1.ABCMeta):
         request: _relay_pb2.SealRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_relay_pb2.SealResponse, _abc.Awaitable[_relay_pb2.SealResponse]]:
-        """Seal one message for a neighbour without sending it (tests, benchmarks,
-        and callers that carry the envelope themselves).
-        """
+        """Seal one message for a neighbour without sending it (tests, benchmarks)."""
 
     @_abc_1.abstractmethod
     def Open(
@@ -127,29 +168,10 @@ class RelayServicer(metaclass=_abc_1.ABCMeta):
         request: _relay_pb2.OpenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_relay_pb2.OpenResponse, _abc.Awaitable[_relay_pb2.OpenResponse]]:
-        """Open an envelope received from a neighbour whose identity the caller
-        has verified (TLS peer certificate). Tampering, an unknown or reused
-        session, or a QKD key the local device does not have give a clear error
-        (FAILED_PRECONDITION / INVALID_ARGUMENT) and consume nothing else.
+        """Open an envelope from a neighbour without acting on it (tests,
+        benchmarks). Tampering, an unknown or reused session, or a QKD key the
+        local device does not have give a clear error and consume nothing else.
         """
-
-    @_abc_1.abstractmethod
-    def DeliverAck(
-        self,
-        request: _relay_pb2.DeliverAckRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_relay_pb2.DeliverAckResponse, _abc.Awaitable[_relay_pb2.DeliverAckResponse]]:
-        """Hand an ETSI 020 ack that arrived at this node's ack endpoint to the
-        Forward call waiting for it.
-        """
-
-    @_abc_1.abstractmethod
-    def SendAck(
-        self,
-        request: _relay_pb2.SendAckRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_relay_pb2.SendAckResponse, _abc.Awaitable[_relay_pb2.SendAckResponse]]:
-        """POST ack containers to a neighbour's ack_callback_url."""
 
 def add_RelayServicer_to_server(servicer: RelayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -1,0 +1,184 @@
+"""The master side of ETSI GS QKD 014: Get status and Get key for SAEs served here.
+
+Keys come from this node's QKD device: the device of the QKD link that
+reaches a slave's node directly if there is one, else the device on the
+first hop of a route, else any device of this node. A node without QKD
+links draws keys from the operating system's CSPRNG. Where each
+destination's copy goes, and what happens when one fails, is
+:mod:`kme.flows.delivery`'s.
+
+**Confirmed mode** (default): the master gets the keys only once every
+destination acknowledged storing them, so any key ID a master holds is
+retrievable by its slaves; if any destination fails, the master gets 503
+and every copy already placed is voided. **Concurrent mode** (the paper's):
+the deliveries are recorded durably, the master gets the keys at once, and
+delivery runs in the background.
+
+:func:`source_of` and :func:`limits_for` are pure (configuration and
+routes only), so the 014 gateway computes a request's limits itself and
+parses it before the one call to the relay.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kme.config import NodeConfig, QkdLink
+from kme.errors import ErrorCode, KmstnError
+from kme.etsi014 import KeyLimits, Status
+from kme.flows.context import Context
+from kme.flows.delivery import Delivery, Placement
+from kme.flows.ports import Device, Routes
+from kme.types import Deadline, Key, NodeId, SecretBytes
+
+__all__ = ["MAX_SAE_ID_COUNT", "Northbound", "Source", "dec_keys", "draw", "limits_for",
+           "own_sae", "source_of"]
+
+# Slaves per Get key beside the path slave (ETSI 014 max_SAE_ID_count).
+MAX_SAE_ID_COUNT = 8
+# A node without QKD links serves keys from the CSPRNG with these limits.
+CSPRNG_MAX_KEY_COUNT = 100_000
+CSPRNG_MAX_PER_REQUEST = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a request's keys come from."""
+
+    link: QkdLink | None  # None: the CSPRNG
+    # The neighbour at the link's other end when it is a destination itself.
+    direct: NodeId | None
+
+
+def source_of(config: NodeConfig, routes: Routes, dests: Sequence[NodeId]) -> Source:
+    node = config.node_id
+    qkd: dict[NodeId, QkdLink] = {}
+    for link in config.topology.qkd_links:
+        if node in (link.a, link.b) and link.id in config.qkd_devices:
+            qkd[link.other(node)] = link
+    for dest in dests:
+        if dest in qkd:
+            return Source(qkd[dest], dest)
+    for dest in dests:
+        if dest == node:
+            continue
+        hop = routes.route_to_node(dest).next_hop
+        if hop in qkd:
+            return Source(qkd[hop], None)
+    for link in qkd.values():
+        return Source(link, None)
+    return Source(None, None)
+
+
+def limits_for(config: NodeConfig, routes: Routes, slave: str) -> tuple[KeyLimits, int]:
+    """ETSI 014 limits for keys meant for ``slave``, and max_key_count."""
+    source = source_of(config, routes, [config.topology.node_of_sae(slave)])
+    if source.link is None:
+        size = config.topology.key_size
+        return (KeyLimits(size, min(64, size), max(1024, size), CSPRNG_MAX_PER_REQUEST,
+                          MAX_SAE_ID_COUNT), CSPRNG_MAX_KEY_COUNT)
+    link = source.link
+    return (KeyLimits(link.key_size, link.min_key_size, link.max_key_size,
+                      link.max_key_per_request, MAX_SAE_ID_COUNT), link.max_key_count)
+
+
+def own_sae(config: NodeConfig, sae: str) -> None:
+    """Refuse (401) an SAE that this node does not serve."""
+    node = config.topology.saes.get(sae)  # type: ignore[call-overload]
+    if node is None:
+        raise KmstnError(ErrorCode.UNAUTHENTICATED, f"SAE {sae!r} is not in the topology")
+    if node != config.node_id:
+        raise KmstnError(ErrorCode.PERMISSION_DENIED,
+                         f"SAE {sae!r} is served by {node}, not by {config.node_id}")
+
+
+def draw(device: Device | None, number: int, size: int) -> list[Key]:
+    """Keys from the device, or from the CSPRNG when there is none."""
+    if device is not None:
+        return device.enc_keys(number, size)
+    nbytes = (size + 7) // 8
+    keys = []
+    for _ in range(number):
+        raw = bytearray(secrets.token_bytes(nbytes))
+        if size % 8:
+            raw[-1] &= (0xFF << (8 - size % 8)) & 0xFF  # pad bits are zero
+        keys.append(Key(uuid.uuid4(), SecretBytes(raw), size))
+    return keys
+
+
+class Northbound:
+    def __init__(self, ctx: Context, delivery: Delivery) -> None:
+        self._ctx = ctx
+        self._delivery = delivery
+
+    def status(self, master: str, slave: str) -> Status:
+        """ETSI 014 clause 5.1 Status for this master and ``slave``."""
+        config = self._ctx.config
+        own_sae(config, master)
+        dest = self._ctx.node_of(slave)
+        if slave == master:
+            raise KmstnError(ErrorCode.INVALID_ARGUMENT,
+                             "slave_SAE_ID must differ from the master_SAE_ID")
+        limits, max_count = limits_for(config, self._ctx.routes, slave)
+        source = source_of(config, self._ctx.routes, [dest])
+        stored = max_count
+        if source.link is not None:
+            stored = min(max_count, int(
+                self._ctx.devices.for_link(source.link.id).status().stored_key_count))
+        return Status.of(source_kme_id=self._ctx.node, target_kme_id=dest,
+                         master_sae_id=master, slave_sae_id=slave, limits=limits,
+                         stored_key_count=stored, max_key_count=max_count)
+
+    def enc_keys(self, master: str, slaves: Sequence[str], number: int, size: int,
+                 deadline: Deadline, caller_alive: Callable[[], bool] = lambda: True
+                 ) -> list[Key]:
+        """Get key (ETSI 014 clause 5.2) for a master served here, toward every slave."""
+        ctx = self._ctx
+        own_sae(ctx.config, master)
+        by_dest: dict[NodeId, list[str]] = defaultdict(list)
+        for t in slaves:
+            by_dest[ctx.node_of(t)].append(t)
+        source = source_of(ctx.config, ctx.routes, list(by_dest))
+        device = ctx.devices.for_link(source.link.id) if source.link is not None else None
+        # Validate every route before taking key material, so a request that
+        # cannot be served consumes nothing.
+        for d in by_dest:
+            if d not in (ctx.node, source.direct):
+                ctx.routes.route_to_node(d)
+        deadline.require("taking keys")
+        keys = draw(device, number, size)
+        placement = Placement.of(keys, master, {d: tuple(s) for d, s in by_dest.items()},
+                                 source.link.id if source.link else None, source.direct)
+        if ctx.node in by_dest:
+            self._delivery.store_here(keys, master, placement.by_dest[ctx.node])
+        if ctx.config.gateway.delivery == "concurrent":
+            self._delivery.concurrent(placement)
+            return keys
+        self._delivery.confirmed(placement, deadline)
+        if not caller_alive():
+            # The master went away while its keys were placed: nobody will
+            # ever hold these IDs, so take every copy back (rule 6.3).
+            failure = KmstnError(ErrorCode.TIMEOUT, "the master SAE's request went away")
+            self._delivery.void_everywhere(placement, {}, deadline)
+            raise failure
+        return keys
+
+
+def dec_keys(config: NodeConfig, take: Callable[[str, str, list[uuid.UUID], int], list[Key]],
+             slave: str, master: str, key_ids: Sequence[uuid.UUID]) -> list[Key]:
+    """Get key with key IDs (ETSI 014 clause 5.3): once, only for a named slave.
+
+    ``take`` is the keyvault's take-once (KeyVaultClient.take); the 014 gateway
+    calls this with it directly, no relay in between.
+    """
+    own_sae(config, slave)
+    if master not in config.topology.saes:
+        raise KmstnError(ErrorCode.KEY_NOT_FOUND, "unknown master")
+    gateway = config.gateway
+    # Concurrent mode: a key may still be on its way; wait for it a little.
+    wait = gateway.inflight_wait_ms if gateway.delivery == "concurrent" else 0
+    return take(slave, master, list(key_ids), wait)
