@@ -10,13 +10,16 @@ is built inside the serving process.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from keyvault.client import KeyVaultClient
 from kme.channels import internal_channel
 from kme.config import NodeConfig
-from kme.flows import Routes
 from relay.client import RelayClient
 from routing.replica import RoutingReplica
+
+if TYPE_CHECKING:
+    from kme.flows import Routes
 
 __all__ = ["Edge", "build_edge"]
 

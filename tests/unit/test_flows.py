@@ -23,7 +23,9 @@ from typing import Any
 
 import pytest
 
+from gateway.errors import etsi020_problem
 from kme import etsi020
+from kme import flows as kflows
 from kme.config import (
     DeviceEndpoint,
     GatewaySettings,
@@ -36,10 +38,8 @@ from kme.config import (
     RelaySettings,
     Topology,
 )
-from gateway.errors import etsi020_problem
-from kme import flows as kflows
 from kme.errors import ErrorCode, KmstnError
-from kme.flows import AckMessage, DeviceKeysNotice, Flows, Job, Outgoing, Retrier
+from kme.flows import DeviceKeysNotice, Flows, Job, Outgoing, Retrier
 from kme.types import Deadline, Key, KeyGrant, NodeId, SaeId, SecretBytes
 from relay.outcomes import read_answer
 from relay.transport import encode
