@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import cast
 
 from keyvault.client import KeyVaultClient
 from kme.channels import internal_channel
 from kme.config import NodeConfig
-from kme.flows import Devices, Flows
+from kme.flows import Flows
 from kme.qkd import QkdDevices
 from kme.rpc.v1 import relay_pb2, relay_pb2_grpc
 from kme.server import Runtime, run_service
@@ -27,7 +26,7 @@ from relay.hop import Opener, PeerPools, Sealer
 from relay.hopkey import HopLinks
 from relay.kem import SessionStore
 from relay.peer import RelayPeerService
-from relay.ports import VaultPort
+from relay.ports import FlowDevices, VaultPort
 from relay.qkdreserve import ReservedQkdKeys
 from relay.service import RelayService
 from relay.transport import Transport
@@ -66,8 +65,9 @@ def build(rt: Runtime) -> None:
     vault = VaultPort(KeyVaultClient(internal_channel(config, "keyvault"), timeout=budget))
     routes = RoutingReplica(config.topology, config.node_id,
                             internal_channel(config, "routing"), rt.log)
-    flows = Flows(config, routes, vault, transport, cast(Devices, devices or QkdDevices(config)),
-                  vault, rt.log, workers=max(8, config.gateway.threads))
+    flow_devices = FlowDevices(devices or QkdDevices(config), pools, reserved)
+    flows = Flows(config, routes, vault, transport, flow_devices, vault, rt.log,
+                  workers=max(8, config.gateway.threads))
     kmstn_peers = {str(p) for p in links.neighbours}
     relay_pb2_grpc.add_RelayServicer_to_server(
         RelayService(flows, sealer, opener, kmstn_peers, budget, rt.log), rt.server)

@@ -96,10 +96,11 @@ def own_sae(config: NodeConfig, sae: str) -> None:
                          f"SAE {sae!r} is served by {node}, not by {config.node_id}")
 
 
-def draw(device: Device | None, number: int, size: int) -> list[Key]:
+def draw(device: Device | None, number: int, size: int, for_neighbour: bool = False
+         ) -> list[Key]:
     """Keys from the device, or from the CSPRNG when there is none."""
     if device is not None:
-        return device.enc_keys(number, size)
+        return device.enc_keys(number, size, reserved_ok=for_neighbour)
     nbytes = (size + 7) // 8
     keys = []
     for _ in range(number):
@@ -150,7 +151,7 @@ class Northbound:
             if d not in (ctx.node, source.direct):
                 ctx.routes.route_to_node(d)
         deadline.require("taking keys")
-        keys = draw(device, number, size)
+        keys = draw(device, number, size, for_neighbour=source.direct is not None)
         placement = Placement.of(keys, master, {d: tuple(s) for d, s in by_dest.items()},
                                  source.link.id if source.link else None, source.direct)
         if ctx.node in by_dest:

@@ -110,7 +110,8 @@ class FakeDevice:
     def link(self) -> QkdLink:
         return self.shared.link
 
-    def enc_keys(self, number: int = 1, size: int | None = None) -> list[Key]:
+    def enc_keys(self, number: int = 1, size: int | None = None, *,
+                 reserved_ok: bool = False) -> list[Key]:
         size = size or self.link.key_size
         keys = [Key(uuid.uuid4(), SecretBytes(secrets.token_bytes(size // 8)), size)
                 for _ in range(number)]

@@ -79,10 +79,10 @@ def main() -> None:
     p.add_argument("--since", type=float, default=0.0)
     args = p.parse_args()
     events = load(args.directory, args.since)
-    for caller, handler in (("RelayAdapter.forward", "RelayService.Forward"),
-                            ("RelayAdapter.open", "RelayService.Open"),
-                            ("VaultAdapter.store", "KeyVaultService.Store"),
-                            ("VaultAdapter.take", "KeyVaultService.Take")):
+    for caller, handler in (("RelayClient.get_keys", "RelayService.GetKeys"),
+                            ("RelayClient.receive", "RelayService.Receive"),
+                            ("VaultPort.store", "KeyVaultService.Store"),
+                            ("KeyVaultClient.take", "KeyVaultService.Take")):
         print(grpc_legs(events, caller, handler))
     requests = [e for e in events if e.name == "Flask.wsgi_app" and "etsi020" in e.service]
     https = []
@@ -94,7 +94,8 @@ def main() -> None:
           f"{_ms(https)}")
     for name in ("Sealer.seal_detailed", "Opener.open", "Vault.store", "Vault.take",
                  "QkdDeviceClient.enc_keys", "QkdDeviceClient.dec_keys",
-                 "Flows.plan_ext_keys"):
+                 "Receiver.plan", "Transport.send", "Northbound.enc_keys",
+                 "Receiver.ext_keys", "Receiver.device_keys"):
         values = [e.end - e.start for e in events if e.name == name]
         print(f"{name:<56} n={len(values):<5} {_ms(values)}")
 

@@ -29,13 +29,15 @@ from typing import Any, TextIO
 
 # module -> [(class, [methods])]: the stages of enc_keys, a hop and dec_keys.
 TARGETS: dict[str, list[tuple[str, list[str]]]] = {
-    "kme.flows": [("Flows", ["enc_keys", "dec_keys", "ext_keys", "device_keys",
-                             "plan_ext_keys"])],
-    "gateway.deps": [("RelayAdapter", ["forward", "open"]),
-                     ("VaultAdapter", ["store", "take"])],
+    "kme.flows.northbound": [("Northbound", ["enc_keys"])],
+    "kme.flows.receive": [("Receiver", ["ext_keys", "device_keys", "plan"])],
+    "relay.client": [("RelayClient", ["get_keys", "receive"])],
+    "relay.ports": [("VaultPort", ["store"])],
+    "relay.transport": [("Transport", ["send"])],
+    "keyvault.client": [("KeyVaultClient", ["take"])],
     "kme.qkd": [("QkdDeviceClient", ["enc_keys", "dec_keys"])],
-    "relay.service": [("RelayService", ["Forward", "Open"]), ("Sealer", ["seal_detailed"]),
-                      ("Opener", ["open"])],
+    "relay.service": [("RelayService", ["GetKeys", "Receive"])],
+    "relay.hop": [("Sealer", ["seal_detailed"]), ("Opener", ["open"])],
     "keyvault.service": [("KeyVaultService", ["Store", "Take"])],
     "keyvault.store": [("Vault", ["store", "take"])],
     "flask.app": [("Flask", ["wsgi_app"])],
