@@ -52,6 +52,7 @@ from relay import kem
 from relay.client import RelayClient
 from relay.hop import Opener, Sealer
 from relay.hopkey import DeviceClient, HopLinks
+from relay.kempool import KeyPool
 from relay.peer import RelayPeerClient, peer_channel
 
 BODY = (b'{"keys":[{"key_ID":"5f0b2c63-5a8e-4a36-9d0c-1b7e8f3a9c21","key":'
@@ -111,7 +112,7 @@ class _Toward:
 def bench_in_process(a: NodeConfig, b: NodeConfig, kind: str, runs: int) -> None:
     links_a, links_b = HopLinks(a), HopLinks(b)
     store = kem.SessionStore(3600, max_per_peer=runs + 1024)
-    pool = kem.KeyPool(b.node_id, lambda n: store.issue(a.node_id, n), 256, executor=None)
+    pool = KeyPool(b.node_id, lambda n: store.issue(a.node_id, n), 256, executor=None)
     devices_a = devices_b = None
     if kind == "qkd":
         pair = _MemoryDevicePair()

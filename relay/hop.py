@@ -47,6 +47,7 @@ from relay.hopkey import (
     fetch_qkd_key,
     take_qkd_key,
 )
+from relay.kempool import KeyPool
 from relay.peer import RelayPeerClient, peer_channel
 from relay.qkdreserve import QkdReservePool, ReservedQkdKeys
 
@@ -99,7 +100,7 @@ class PeerPools:
         self._timeout = config.relay.timeout_ms / 1000
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="relay-kem-refill")
         self._lock = threading.Lock()
-        self._pools: dict[NodeId, kem.KeyPool] = {}
+        self._pools: dict[NodeId, KeyPool] = {}
         self._clients: dict[NodeId, RelayPeerClient] = {}
         self._channels: list[grpc.Channel] = []
         self._client_factory = client_factory or self._mtls_client
@@ -116,12 +117,12 @@ class PeerPools:
                 found = self._clients[peer] = self._client_factory(peer)
             return found
 
-    def pool(self, peer: NodeId) -> kem.KeyPool:
+    def pool(self, peer: NodeId) -> KeyPool:
         peer = self._links.require_neighbour(peer)
         with self._lock:
             found = self._pools.get(peer)
             if found is None:
-                found = self._pools[peer] = kem.KeyPool(
+                found = self._pools[peer] = KeyPool(
                     peer, lambda n: self.client(peer).public_keys(n), self._size,
                     self._executor, log=self._log)
             return found
@@ -158,12 +159,12 @@ class PeerPools:
 class Sealer:
     """Seal ETSI 020 messages for neighbours (the sending half of a hop)."""
 
-    def __init__(self, links: HopLinks, pools: PeerPools | Callable[[NodeId], kem.KeyPool],
+    def __init__(self, links: HopLinks, pools: PeerPools | Callable[[NodeId], KeyPool],
                  devices: DeviceDirectory | None, log: logging.Logger | None = None,
                  exchange: ExchangeMode = "pipelined",
                  encapsulated: Callable[[NodeId, uuid.UUID, bytes], None] | None = None) -> None:
         self._links = links
-        self._pool: Callable[[NodeId], kem.KeyPool]
+        self._pool: Callable[[NodeId], KeyPool]
         self._qkd_pool: Callable[[NodeId], QkdReservePool | None] = lambda _peer: None
         if isinstance(pools, PeerPools):
             self._pool = pools.pool

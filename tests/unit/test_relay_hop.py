@@ -28,6 +28,7 @@ from relay import envelope as env
 from relay import kem
 from relay.hop import Opener, Sealer
 from relay.hopkey import DeviceClient, HopLinks, combine
+from relay.kempool import KeyPool
 from tests.federation import FederationFiles
 from tests.helpers import Pki
 
@@ -126,12 +127,12 @@ class Federation:
             devices = FakeDevices(ends)
             self.nodes[NodeId(n)] = Node(config, links, sessions, devices,
                                          Opener(links, sessions, devices))
-        self.pools: dict[NodeId, kem.KeyPool] = {}
+        self.pools: dict[NodeId, KeyPool] = {}
 
-    def pool(self, sender: NodeId, peer: NodeId) -> kem.KeyPool:
+    def pool(self, sender: NodeId, peer: NodeId) -> KeyPool:
         if (sender, peer) not in self.pools:  # type: ignore[comparison-overlap]
             # Looked up at each fetch, so a test can replace (restart) a node.
-            self.pools[(sender, peer)] = kem.KeyPool(  # type: ignore[index]
+            self.pools[(sender, peer)] = KeyPool(  # type: ignore[index]
                 peer, lambda n: self.nodes[peer].sessions.issue(sender, n), 4, executor=None)
         return self.pools[(sender, peer)]  # type: ignore[index]
 

@@ -12,6 +12,7 @@ import pytest
 from kme.errors import ErrorCode, KmstnError
 from kme.types import NodeId
 from relay import kem
+from relay.kempool import KeyPool, PoolKey
 
 A, B = NodeId("A"), NodeId("B")
 
@@ -189,7 +190,7 @@ class Receiver:
 
 def test_pool_hands_each_key_out_once_and_refills() -> None:
     receiver = Receiver(kem.SessionStore(300))
-    pool = kem.KeyPool(B, receiver, size=8, executor=None)
+    pool = KeyPool(B, receiver, size=8, executor=None)
     taken = [pool.take() for _ in range(40)]
     assert len({k.session for k in taken}) == 40
     assert receiver.calls[0] == 8 and all(c <= 8 for c in receiver.calls)
@@ -209,8 +210,8 @@ def test_pool_does_not_over_fetch_when_many_senders_find_it_empty() -> None:
         slow_fetch.wait(0.05)  # a fetch takes a while: others pile up behind it
         return receiver(count)
 
-    pool = kem.KeyPool(B, fetch, size=8, executor=None)
-    taken: list[kem.PoolKey] = []
+    pool = KeyPool(B, fetch, size=8, executor=None)
+    taken: list[PoolKey] = []
     lock = threading.Lock()
 
     def sender() -> None:
@@ -234,7 +235,7 @@ def test_pool_does_not_over_fetch_when_many_senders_find_it_empty() -> None:
 def test_pool_background_refill_below_low_water() -> None:
     receiver = Receiver(kem.SessionStore(300))
     with ThreadPoolExecutor(1) as executor:
-        pool = kem.KeyPool(B, receiver, size=8, executor=executor)
+        pool = KeyPool(B, receiver, size=8, executor=executor)
         pool.refill()
         assert len(pool) == 8
         for _ in range(5):  # 3 left < low water 4: a refill is scheduled
@@ -246,7 +247,7 @@ def test_pool_background_refill_below_low_water() -> None:
 def test_pool_drops_keys_near_expiry_and_repeated_sessions() -> None:
     clock = Clock()
     receiver = Receiver(kem.SessionStore(100, clock=clock))
-    pool = kem.KeyPool(B, receiver, size=4, executor=None, clock=clock)
+    pool = KeyPool(B, receiver, size=4, executor=None, clock=clock)
     first = pool.take()
     # A neighbour that repeats a session ID does not get it used twice.
     receiver.repeat = [kem.OneTimeKey(first.session, first.public_key.public_bytes_raw(), 100)]
@@ -264,7 +265,7 @@ def test_pool_drops_keys_near_expiry_and_repeated_sessions() -> None:
 
 
 def test_pool_gives_up_when_the_neighbour_sends_nothing() -> None:
-    pool = kem.KeyPool(B, lambda n: [], size=4, executor=None)
+    pool = KeyPool(B, lambda n: [], size=4, executor=None)
     with pytest.raises(KmstnError) as err:
         pool.take()
     assert err.value.code is ErrorCode.UNAVAILABLE
@@ -272,7 +273,7 @@ def test_pool_gives_up_when_the_neighbour_sends_nothing() -> None:
 
 def test_pool_rejects_bad_public_keys() -> None:
     bad = [kem.OneTimeKey(uuid.uuid4(), b"\x00" * 10, 60)]
-    pool = kem.KeyPool(B, lambda n: bad, size=4, executor=None)
+    pool = KeyPool(B, lambda n: bad, size=4, executor=None)
     with pytest.raises(KmstnError) as err:
         pool.take()
     assert err.value.code is ErrorCode.INVALID_ARGUMENT
