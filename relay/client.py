@@ -20,7 +20,8 @@ from kme.etsi020 import AckContainer, ExtKeyContainer, VoidContainer
 from kme.rpc.v1 import relay_pb2, relay_pb2_grpc
 from kme.types import Deadline, Key
 from relay.convert import (
-    HopKind,
+    Opened,
+    Sealed,
     ext_keys_to_proto,
     keys_from_proto,
     kind_from_proto,
@@ -29,20 +30,7 @@ from relay.convert import (
     void_to_proto,
 )
 
-__all__ = ["Answer", "Opened", "RelayClient", "SealedMessage"]
-
-
-@dataclass(frozen=True, slots=True)
-class SealedMessage:
-    envelope: bytes
-    kind: HopKind
-
-
-@dataclass(frozen=True, slots=True)
-class Opened:
-    body: bytes
-    hop: int
-    kind: HopKind
+__all__ = ["Answer", "RelayClient"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,12 +87,12 @@ class RelayClient:
             return Answer("acks", tuple(acks_from_proto(resp.acks.acks)))
         return Answer("accepted" if which == "accepted" else "done")
 
-    def seal(self, next_hop: str, message_type: str, body: bytes, hop: int) -> SealedMessage:
+    def seal(self, next_hop: str, message_type: str, body: bytes, hop: int) -> Sealed:
         """Seal an ETSI 020 message (``ext_keys``, ``void``, ``ack``, ``device_keys``)."""
         req = relay_pb2.SealRequest(next_hop_node_id=next_hop,
                                     message_type=type_to_proto(message_type), body=body, hop=hop)
         resp = call(self._stub.Seal, req, self._timeout)
-        return SealedMessage(resp.envelope, kind_from_proto(resp.kind))
+        return Sealed(resp.envelope, kind_from_proto(resp.kind))
 
     def open(self, peer: str, message_type: str, envelope: bytes) -> Opened:
         """Open an envelope from ``peer`` without acting on it (tests, benchmarks)."""

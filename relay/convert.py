@@ -6,17 +6,21 @@ No cryptography here: the gateways import this module (through relay.client).
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from kme.errors import ErrorCode, KmstnError
 from kme.etsi014 import Status
 from kme.etsi020 import ExtKey, ExtKeyContainer, VoidContainer
 from kme.rpc.v1 import common_pb2, relay_pb2
-from kme.types import Key, SecretBytes, parse_key_id
+from kme.types import Deadline, Key, SecretBytes, parse_key_id
 
 __all__ = [
     "HopKind",
+    "Opened",
+    "Sealed",
     "ext_keys_from_proto",
     "ext_keys_to_proto",
     "keys_from_proto",
@@ -32,6 +36,28 @@ __all__ = [
 ]
 
 HopKind = Literal["qkd", "pqc"]
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """An envelope for a neighbour, and how the hop is protected."""
+
+    envelope: bytes
+    kind: HopKind
+    session: uuid.UUID | None = None  # known where it was sealed
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """The inner ETSI 020 body of an envelope, and what its header said."""
+
+    body: bytes
+    hop: int
+    kind: HopKind
+    session: uuid.UUID | None = None
+    message_type: str = ""
+    # The deadline the sender bound into the envelope, if any.
+    deadline: Deadline | None = None
 
 _TYPES: Final[dict[str, relay_pb2.MessageType.ValueType]] = {
     "ext_keys": relay_pb2.MESSAGE_TYPE_EXT_KEYS,

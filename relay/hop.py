@@ -7,7 +7,7 @@ In-process API (what the transport, ``Relay.Receive`` and the benchmark build on
   or the explicit Encapsulated exchange), a QKD key on a QKD hop, AES-256-GCM
   envelope. Every seal logs one ``sealed`` line naming the session (never a
   secret): that log is the sender's record of used sessions.
-* :class:`Opener` -- ``open(peer, message_type, envelope) -> OpenResult``:
+* :class:`Opener` -- ``open(peer, message_type, envelope) -> Opened``:
   strict parse, binding checks (dst is us, src is the TLS-verified peer,
   type is the endpoint's, alg is allowed on our links, sae is the sender's
   device), one-time session, QKD key by ID, AES-GCM. Every failure is a
@@ -27,7 +27,6 @@ import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Literal
 
 import grpc
@@ -37,7 +36,7 @@ from kme.errors import ErrorCode, KmstnError
 from kme.types import Deadline, NodeId
 from relay import envelope as env
 from relay import kem
-from relay.convert import HopKind
+from relay.convert import HopKind, Opened, Sealed
 from relay.hopkey import (
     KEYLESS_TYPES,
     DeviceDirectory,
@@ -52,32 +51,12 @@ from relay.peer import RelayPeerClient, peer_channel
 from relay.qkdreserve import QkdReservePool, ReservedQkdKeys
 
 __all__ = [
-    "OpenResult",
     "Opener",
     "PeerPools",
-    "Sealed",
     "Sealer",
 ]
 
 ExchangeMode = Literal["pipelined", "explicit"]
-
-
-@dataclass(frozen=True, slots=True)
-class Sealed:
-    envelope: bytes
-    kind: HopKind
-    session: uuid.UUID
-
-
-@dataclass(frozen=True, slots=True)
-class OpenResult:
-    body: bytes
-    hop: int
-    kind: HopKind
-    session: uuid.UUID
-    message_type: str
-    # The deadline the sender bound into the envelope, if any.
-    deadline: Deadline | None = None
 
 
 class PeerPools:
@@ -259,7 +238,7 @@ class Opener:
         self._reserved = reserved
         self._log = log or logging.getLogger("kmstn.relay")
 
-    def open(self, peer: str, message_type: str, envelope: bytes) -> OpenResult:
+    def open(self, peer: str, message_type: str, envelope: bytes) -> Opened:
         """The inner ETSI 020 message of ``envelope``, sent by ``peer`` to the
         endpoint for ``message_type``; raises KmstnError on any failure."""
         try:
@@ -270,7 +249,7 @@ class Opener:
                 "error": exc.public})
             raise
 
-    def _open(self, peer_name: str, message_type: str, data: bytes) -> OpenResult:
+    def _open(self, peer_name: str, message_type: str, data: bytes) -> Opened:
         peer = self._links.require_neighbour(peer_name)
         if message_type not in env.MESSAGE_TYPES:
             raise KmstnError(ErrorCode.INVALID_ARGUMENT, f"unknown message type {message_type!r}")
@@ -316,7 +295,7 @@ class Opener:
         kind: HopKind = "qkd" if h.is_qkd else "pqc"
         self._log.debug("opened", extra={"peer": peer, "session": str(h.session),
                                          "kind": kind, "hop": h.hop})
-        return OpenResult(body, h.hop, kind, h.session, h.type,
+        return Opened(body, h.hop, kind, h.session, h.type,
                           Deadline(h.deadline) if h.deadline is not None else None)
 
 
