@@ -82,7 +82,7 @@ def cmd_topology(args: argparse.Namespace) -> int:
 def cmd_pki(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kme.pki import CertificateAuthority, issue_for_topology
+    from lab.pki import CertificateAuthority, issue_for_topology
 
     directory = Path(args.dir)
     if args.pki_command == "init":
@@ -106,7 +106,7 @@ def cmd_pki(args: argparse.Namespace) -> int:
 def cmd_federation(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kme.federation import Federation, FederationError
+    from lab.federation import Federation, FederationError
 
     state = Path(args.state)
     if args.federation_command == "up":
@@ -136,7 +136,7 @@ def cmd_federation(args: argparse.Namespace) -> int:
             return 1
         print("federation stopped; nothing left running")
         return 0
-    from kme.federation_status import render_status
+    from lab.federation_status import render_status
 
     print(render_status(fed))
     return 0
@@ -145,7 +145,7 @@ def cmd_federation(args: argparse.Namespace) -> int:
 def cmd_sae(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kme.saeclient import SaeClient
+    from lab.saeclient import SaeClient
 
     client = SaeClient.from_manifest(Path(args.state) / "federation.json", args.sae)
     if args.sae_command == "get-key":
@@ -159,7 +159,7 @@ def cmd_sae(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kme.bench import run_bench
+    from lab.bench import run_bench
 
     return run_bench(args.bench_command, Path(args.state), args)
 

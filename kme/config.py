@@ -119,7 +119,7 @@ class Outage:
 
 @dataclass(frozen=True, slots=True)
 class QkdSimSettings:
-    """How the emulator (kme.qkdsim) behaves for one link; ignored by real devices."""
+    """How the emulator (lab.qkdsim) behaves for one link; ignored by real devices."""
 
     rate_multiplier: float = 1.0
     seed: int | None = None

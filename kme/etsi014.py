@@ -3,7 +3,7 @@
 One module holds the 014 rules (clauses 4 and 5 of the spec, sections 4, 5
 and 7 of the spec note ``spec/etsi-gs-qkd-014.md``) for every side that
 speaks 014: the node's northbound gateway, the QKD device emulator
-(``kme.qkdsim``) and the southbound client (``kme.qkd``). Nothing here does
+(``lab.qkdsim``) and the southbound client (``kme.qkd``). Nothing here does
 I/O or logs.
 
 Server side::

@@ -2,7 +2,7 @@
 
 The relay and the gateway read QKD keys through :class:`QkdDeviceClient`,
 one per QKD link of this node, from any vendor KME that speaks ETSI 014
-V1.1.1 (the emulator ``kme.qkdsim`` or real devices). :class:`QkdDevices`
+V1.1.1 (the emulator ``lab.qkdsim`` or real devices). :class:`QkdDevices`
 builds them from the node file.
 
 Transport: HTTPS with mutual TLS (clause 2), the node's certificate from

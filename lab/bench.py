@@ -53,9 +53,9 @@ from pathlib import Path
 from typing import Any
 
 from kme.config import Topology, load_topology
-from kme.federation import group_members
-from kme.saeclient import SaeClient
 from kme.types import NodeId
+from lab.federation import group_members
+from lab.saeclient import SaeClient
 
 __all__ = ["allowed_rate", "drain_devices", "qkd_cost", "run_bench"]
 
@@ -237,7 +237,7 @@ def drain_devices(ctx: Ctx) -> int:
 def generated_bits(ctx: Ctx) -> dict[str, int]:
     """Bits of key each emulated QKD link has generated so far (its health counters)."""
     from kme.config import load_node_config
-    from kme.qkdsim.config import sim_health
+    from lab.qkdsim.config import sim_health
 
     out = {}
     for link in ctx.topology.qkd_links:

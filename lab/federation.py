@@ -3,7 +3,7 @@
 ``up`` prepares a state directory and starts, for every KMSTN of the
 topology, its routing, keyvault (with its swtpm), relay and both gateway
 processes, each KMSTN on its own loopback address; and for every QKD link its
-emulated device pair (kme.qkdsim). It waits until every service answers its
+emulated device pair (lab.qkdsim). It waits until every service answers its
 health check, then writes ``federation.json`` and returns, leaving the
 processes running in their own process groups. If anything fails to start,
 everything started so far is stopped and the error names the service, why,
@@ -43,7 +43,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kme.config import NodeConfig, QkdLink, Topology, load_node_config, load_topology
-from kme.pki import CertificateAuthority, Issued, issue_for_topology
+from lab.pki import CertificateAuthority, Issued, issue_for_topology
 
 __all__ = ["Federation", "FederationError", "ServiceSpec", "group_alive", "group_members"]
 
@@ -186,7 +186,7 @@ class Federation:
 
     def _write_sim_config(self, link: QkdLink, ca: CertificateAuthority,
                           certs: dict[str, Issued]) -> Path:
-        from kme.qkdsim.config import write_sim_config
+        from lab.qkdsim.config import write_sim_config
 
         if link.alice is None or link.bob is None:
             raise FederationError(link.id, "a QKD link needs both device endpoints")
@@ -198,7 +198,7 @@ class Federation:
     def services(self, topology: Topology, certs: dict[str, Issued],
                  ca: CertificateAuthority) -> list[list[ServiceSpec]]:
         """Start order in waves: devices; then routing, keyvault, relay; then gateways."""
-        from kme.qkdsim.config import sim_healthy
+        from lab.qkdsim.config import sim_healthy
 
         logs = self.state / "logs"
         py = sys.executable
@@ -206,7 +206,7 @@ class Federation:
         for link in topology.qkd_links:
             sim_cfg = self.state / "sim" / f"{link.id}.toml"
             devices.append(ServiceSpec(
-                f"{link.id}/qkdsim", [py, "-m", "kme.qkdsim", "--config", str(sim_cfg)],
+                f"{link.id}/qkdsim", [py, "-m", "lab.qkdsim", "--config", str(sim_cfg)],
                 logs / f"{link.id}-qkdsim.log",
                 functools.partial(sim_healthy, link, ca.cert_path, certs)))
         core: list[ServiceSpec] = []

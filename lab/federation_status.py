@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from kme.channels import internal_channel
 from kme.errors import KmstnError
-from kme.federation import Federation
 from kme.qkd import QkdDeviceClient
+from lab.federation import Federation
 
 __all__ = ["render_status"]
 

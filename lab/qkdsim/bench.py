@@ -1,8 +1,8 @@
 """Benchmark of the QKD device emulator with the node's own southbound client.
 
-    python -m kme.qkdsim.bench [--quick] [--seconds 10] [--drain-seconds 60]
+    python -m lab.qkdsim.bench [--quick] [--seconds 10] [--drain-seconds 60]
 
-Starts a real ``python -m kme.qkdsim`` process for one link on 127.0.0.1
+Starts a real ``python -m lab.qkdsim`` process for one link on 127.0.0.1
 (throwaway CA, mutual TLS) and drives it with :class:`kme.qkd.QkdDeviceClient`
 (keep-alive http.client connections, borrowed per thread), then prints:
 
@@ -42,10 +42,10 @@ from typing import Any
 
 from kme.config import QkdDeviceAccess, QkdLink, TlsFiles, load_topology
 from kme.errors import ErrorCode, KmstnError
-from kme.pki import CertificateAuthority
 from kme.qkd import QkdDeviceClient
-from kme.qkdsim.config import HEALTH_PATH, sim_healthy, write_sim_config
 from kme.types import NodeId
+from lab.pki import CertificateAuthority
+from lab.qkdsim.config import HEALTH_PATH, sim_healthy, write_sim_config
 
 HOST = "127.0.0.1"
 
@@ -102,7 +102,7 @@ bob = {{ host = "{HOST}", port = {_free_port()} }}
                                bob=self.certs["L-bob"], log_level="warning")
         link = load_topology(topo).qkd_links[0]
         log = (self.root / "qkdsim.log").open("ab")
-        proc = subprocess.Popen([sys.executable, "-m", "kme.qkdsim", "--config", str(cfg)],  # noqa: S603
+        proc = subprocess.Popen([sys.executable, "-m", "lab.qkdsim", "--config", str(cfg)],  # noqa: S603
                                 stdout=log, stderr=log)
         try:
             deadline = time.monotonic() + 30
@@ -355,7 +355,7 @@ def drain(bench: Bench, seconds: float, rate: float, block_size: int, shape: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kme.qkdsim.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lab.qkdsim.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="short smoke run (2 s per concurrency, 10 s drain)")

@@ -55,7 +55,7 @@ from kme.config import (
     _Table,
     load_topology,
 )
-from kme.pki import common_name_of
+from kme.identity import common_name_of
 
 __all__ = ["HEALTH_PATH", "SimConfig", "load_sim_config", "server_context", "sim_health",
            "sim_healthy", "write_sim_config"]
@@ -64,7 +64,7 @@ HEALTH_PATH = "/healthz"
 
 
 class _CertPair(Protocol):
-    """Anything with ``cert`` and ``key`` paths (kme.pki.Issued, TlsFiles)."""
+    """Anything with ``cert`` and ``key`` paths (lab.pki.Issued, TlsFiles)."""
 
     @property
     def cert(self) -> Path: ...
@@ -214,7 +214,7 @@ def sim_healthy(link: QkdLink, ca: Path, certs: Mapping[str, _CertPair],
                 timeout: float = 2.0) -> bool:
     """True once both ends of ``link`` answer ``GET /healthz`` over mutual TLS.
 
-    ``certs`` maps identities to certificates (as ``kme.pki.issue_for_topology``
+    ``certs`` maps identities to certificates (as ``lab.pki.issue_for_topology``
     returns them); each end is asked with its own device certificate (CN =
     kme_id), which the emulator accepts for /healthz only.
     """

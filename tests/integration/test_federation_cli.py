@@ -23,8 +23,8 @@ import grpc
 import pytest
 
 from keyvault.client import KeyVaultClient
-from kme.federation import group_alive
-from kme.saeclient import SaeClient
+from lab.federation import group_alive
+from lab.saeclient import SaeClient
 from tests.federation import FederationFiles
 from tests.helpers import REPO, run_cli
 
