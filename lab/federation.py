@@ -42,8 +42,17 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kme.config import NodeConfig, QkdLink, Topology, load_node_config, load_topology
+from kme.config import (
+    NodeConfig,
+    QkdLink,
+    TlsFiles,
+    Topology,
+    load_node_config,
+    load_topology,
+)
+from kme.pqtls import PeerHttpClient
 from lab.pki import CertificateAuthority, Issued, issue_for_topology
+from lab.qkdsim.config import sim_healthy, write_sim_config
 
 __all__ = ["Federation", "FederationError", "ServiceSpec", "group_alive", "group_members"]
 
@@ -104,9 +113,6 @@ def _https_healthy(host: str, port: int, ca: Path, cert: Issued, path: str = "/h
     """GET a health path over mutual TLS; pq selects the X25519MLKEM768 client."""
     try:
         if pq:
-            from kme.config import TlsFiles
-            from kme.pqtls import PeerHttpClient
-
             client = PeerHttpClient(TlsFiles(ca, cert.cert, cert.key))
             try:
                 return client.request("GET", f"https://{host}:{port}{path}", expected_peer,
@@ -186,8 +192,6 @@ class Federation:
 
     def _write_sim_config(self, link: QkdLink, ca: CertificateAuthority,
                           certs: dict[str, Issued]) -> Path:
-        from lab.qkdsim.config import write_sim_config
-
         if link.alice is None or link.bob is None:
             raise FederationError(link.id, "a QKD link needs both device endpoints")
         return write_sim_config(
@@ -198,8 +202,6 @@ class Federation:
     def services(self, topology: Topology, certs: dict[str, Issued],
                  ca: CertificateAuthority) -> list[list[ServiceSpec]]:
         """Start order in waves: devices; then routing, keyvault, relay; then gateways."""
-        from lab.qkdsim.config import sim_healthy
-
         logs = self.state / "logs"
         py = sys.executable
         devices: list[ServiceSpec] = []

@@ -6,6 +6,7 @@ from kme.channels import internal_channel
 from kme.errors import KmstnError
 from kme.qkd import QkdDeviceClient
 from lab.federation import Federation
+from routing.client import RoutingClient
 
 __all__ = ["render_status"]
 
@@ -28,8 +29,6 @@ def render_status(fed: Federation) -> str:
     rows = [[node, *("up" if alive.get(f"{node}/{svc}") else "DOWN" for svc in SERVICES)]
             for node in configs]
     parts = [_table(["KMSTN", *SERVICES], rows)]
-
-    from routing.client import RoutingClient
 
     link_rows = []
     topology = next(iter(configs.values())).topology

@@ -26,7 +26,9 @@ Client and server share the machine: on 2 cores the client's own cost
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import multiprocessing
 import socket
 import ssl
 import statistics
@@ -123,8 +125,6 @@ bob = {{ host = "{HOST}", port = {_free_port()} }}
         return QkdDeviceClient(link, NodeId(node), access)
 
     def health(self, link: QkdLink) -> dict[str, Any]:
-        import http.client
-
         assert link.alice is not None  # noqa: S101 - a bench, the link was just loaded
         ctx = ssl.create_default_context(cafile=str(self.ca.cert_path))
         ctx.load_cert_chain(str(self.certs["L-alice"].cert), str(self.certs["L-alice"].key))
@@ -188,8 +188,6 @@ def _kmstn_client_run(client: QkdDeviceClient, concurrency: int,
 
 def _lean_worker(args: tuple[str, int, str, str, str, float, float]) -> tuple[list[float], int]:
     """One process, one keep-alive mTLS connection (http.client), enc_keys in a loop."""
-    import http.client
-
     host, port, ca, cert, key, start_at, stop_at = args
     ctx = ssl.create_default_context(cafile=ca)
     ctx.load_cert_chain(cert, key)
@@ -217,8 +215,6 @@ def _lean_worker(args: tuple[str, int, str, str, str, float, float]) -> tuple[li
 def _lean_client_run(bench: Bench, link: QkdLink, concurrency: int,
                      seconds: float) -> dict[str, Any]:
     """Separate processes, so the client side is not one GIL: the emulator's own capacity."""
-    import multiprocessing
-
     device = link.device_of(link.a)
     issued = bench.certs["A"]
     start_at = time.time() + 2.0  # after every worker has spawned and connected
@@ -252,8 +248,6 @@ def transports(bench: Bench, requests_n: int = 500) -> list[tuple[str, float, fl
     http.client and kme.qkd (http.client underneath). requests and urllib3
     are test-extra dependencies; a library that is not installed is skipped.
     """
-    import http.client
-
     rows: list[tuple[str, float, float]] = []
     with bench.link(rate=1e9, block_size=1 << 20) as link:
         device = link.device_of(link.a)
