@@ -27,7 +27,7 @@ from pathlib import Path
 
 from kme import cli as node_cli
 from kme.cli import Subcommands
-from kme.config import load_topology
+from kme.config import LOG_LEVELS, load_topology
 from lab.bench import run_bench
 from lab.federation import Federation, FederationError
 from lab.federation_status import render_status
@@ -126,8 +126,7 @@ def add_federation(sub: Subcommands) -> None:
     up = fed_sub.add_parser("up", help="start everything, wait until healthy, return")
     up.add_argument("--topology", required=True)
     up.add_argument("--delivery", choices=("confirmed", "concurrent"), default="confirmed")
-    up.add_argument("--log-level", default="info",
-                    choices=("debug", "info", "warning", "error"))
+    up.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     up.add_argument("--timeout", type=float, default=180.0)
     up.add_argument("--qkd-rate-scale", type=float, default=1.0,
                     help="multiply every emulated QKD link's key rate (e.g. 1000: not limiting)")
