@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -56,7 +56,8 @@ from lab.qkdsim.config import sim_healthy, write_sim_config
 
 __all__ = ["Federation", "FederationError", "ServiceSpec", "group_alive", "group_members"]
 
-GRPC_SERVICES = ("routing", "keyvault", "relay")
+GRPC_SERVICES: Final[tuple[Literal["routing", "keyvault", "relay"], ...]] = (
+    "routing", "keyvault", "relay")
 
 
 class FederationError(Exception):
@@ -219,7 +220,7 @@ class Federation:
             node_path = self.node_file(node.id)
             cfg = load_node_config(node_path)
             for svc in GRPC_SERVICES:
-                target = cfg.endpoint(svc).grpc_target  # type: ignore[arg-type]
+                target = cfg.endpoint(svc).grpc_target
                 core.append(ServiceSpec(
                     f"{node.id}/{svc}", [py, "-m", svc, "--config", str(node_path)],
                     logs / f"{node.id}-{svc}.log", functools.partial(_grpc_healthy, target)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kme.channels import internal_channel
+from kme.config import QkdLink
 from kme.errors import KmstnError
 from kme.qkd import QkdDeviceClient
 from lab.federation import Federation
@@ -47,11 +48,11 @@ def render_status(fed: Federation) -> str:
     for link in topology.links:
         pools = []
         for end in (link.a, link.b):
-            if link.kind != "qkd" or end not in configs:
+            if not isinstance(link, QkdLink) or end not in configs:
                 pools.append("-")
                 continue
             access = configs[end].qkd_devices[link.id]
-            client = QkdDeviceClient(link, end, access)  # type: ignore[arg-type]
+            client = QkdDeviceClient(link, end, access)
             try:
                 st = client.status()
                 pools.append(f"{st.stored_key_count}/{st.max_key_count}")
