@@ -9,9 +9,9 @@ it; every problem is a ConfigError naming the file and the field.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Final, Literal, TypedDict
+from typing import Final, Literal, TypedDict, TypeVar
 
 from kme.config.model import (
     KMSTN_KINDS,
@@ -37,6 +37,7 @@ class _Bounds(TypedDict):
 
 
 _PORT: Final[_Bounds] = {"lo": 1, "hi": 65535}
+_I = TypeVar("_I", bound=str)
 # Classical links, read alike: two kmstn ends (pqc) or a kmstn and a foreign KMS (site).
 _PLAIN_KINDS: Final[tuple[Literal["pqc", "site"], ...]] = ("pqc", "site")
 
@@ -52,18 +53,11 @@ def _host(t: Table, key: str) -> str:
     return value
 
 
-def _node_id(t: Table, key: str) -> NodeId:
+def _ident(t: Table, key: str, parse: Callable[[str], _I]) -> _I:
+    """A node or SAE ID, checked by ``parse`` (kme.types.node_id or sae_id)."""
     value = t.text(key)
     try:
-        return node_id(value)
-    except KmstnError as exc:
-        raise t.error(key, exc.public) from None
-
-
-def _sae_id(t: Table, key: str) -> SaeId:
-    value = t.text(key)
-    try:
-        return sae_id(value)
+        return parse(value)
     except KmstnError as exc:
         raise t.error(key, exc.public) from None
 
@@ -92,7 +86,7 @@ def load_topology(path: str | Path) -> Topology:
 
     saes: dict[SaeId, NodeId] = {}
     for t in root.tables("sae"):
-        sid = _sae_id(t, "id")
+        sid = _ident(t, "id", sae_id)
         if sid in saes:
             raise t.error("id", f"duplicate SAE id {sid!r}")
         node = t.text("kmstn")
@@ -110,7 +104,7 @@ def load_topology(path: str | Path) -> Topology:
 def _read_kmstns(file: Path, root: Table) -> dict[NodeId, Kmstn]:
     kmstns: dict[NodeId, Kmstn] = {}
     for t in root.tables("kmstn", Kmstn):
-        nid = _node_id(t, "id")
+        nid = _ident(t, "id", node_id)
         if nid in kmstns:
             raise t.error("id", f"duplicate KMSTN id {nid!r}")
         kind = t.choice("kind", KMSTN_KINDS, "kmstn")
