@@ -130,9 +130,6 @@ class Table:
     def error(self, key: str, problem: str) -> ConfigError:
         return ConfigError(self.file, self.name(key), problem)
 
-    def has(self, key: str) -> bool:
-        return key in self.data
-
     def field_default(self, key: str, kind: type[_T]) -> _T:
         """The model's default for ``key`` (for defaults derived from it)."""
         if self.model is None:
