@@ -12,7 +12,7 @@ test: deps venv lint type protos
 	$(BIN)/pytest
 
 demo: deps venv
-	$(BIN)/python -m kme.demo --topology examples/testbed.toml --state state/demo
+	$(BIN)/python -m lab.demo --topology examples/testbed.toml --state state/demo
 
 deps:
 	@./deploy/debian-deps.sh
@@ -30,7 +30,7 @@ lint: venv
 	$(BIN)/ruff check .
 
 type: venv
-	$(BIN)/mypy kme routing keyvault relay gateway
+	$(BIN)/mypy kme routing keyvault relay gateway lab
 
 protos: venv
 	$(BIN)/python protos/generate.py --check
@@ -45,7 +45,7 @@ integration: deps venv
 # running federation (see README).
 bench: deps venv
 	$(BIN)/python -m routing.bench
-	$(BIN)/python -m kme.qkdsim.bench --quick
+	$(BIN)/python -m lab.qkdsim.bench --quick
 	$(BIN)/python -m keyvault.bench
 	$(BIN)/python -m relay.bench
 	$(BIN)/python -m gateway.bench

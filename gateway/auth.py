@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kme.errors import ErrorCode, KmstnError
-from kme.pki import common_name_of
+from kme.identity import common_name_of
 
 __all__ = ["PEER_CN_KEY", "TLS_GROUP_KEY", "TLS_VERSION_KEY", "caller_identity"]
 

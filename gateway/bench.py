@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kme.federation import Federation
-from kme.saeclient import SaeClient
+from lab.federation import Federation
+from lab.saeclient import SaeClient
 
 TOPOLOGY = """
 [federation]

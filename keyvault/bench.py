@@ -37,8 +37,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keyvault.client import KeyVaultClient, StoreItem
-from kme.pki import CertificateAuthority
 from kme.types import Key, SecretBytes
+from lab.pki import CertificateAuthority
 
 
 def _write_node(root: Path, tpm: str) -> Path:

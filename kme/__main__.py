@@ -1,4 +1,4 @@
-"""``python -m kme`` is the ``kmstn`` command."""
+"""``python -m kme``: the node-operator commands of ``kmstn`` (config, route, link, topology)."""
 
 import sys
 

@@ -17,7 +17,7 @@ Prints three tables:
 (c) messages per second over one hop through gRPC: Seal at relay A, Open
     at relay B (both real processes), sequentially and from 4 client threads,
     over a PQC hop and over a QKD hop with the emulated devices
-    (``python -m kme.qkdsim``).
+    (``python -m lab.qkdsim``).
 
 Everything shares the machine (client, relays, emulator): on a 2-core box
 the numbers in (b) and (c) include all of their CPU.
@@ -46,8 +46,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kme.config import NodeConfig, load_node_config
 from kme.errors import ErrorCode, KmstnError
-from kme.pki import CertificateAuthority, Issued
 from kme.types import Key, NodeId, SecretBytes
+from lab.pki import CertificateAuthority, Issued
 from relay import kem
 from relay.client import RelayClient
 from relay.hop import Opener, Sealer
@@ -240,14 +240,14 @@ def _process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
 def running(fed: Federation) -> Iterator[tuple[NodeConfig, NodeConfig]]:
     with contextlib.ExitStack() as stack:
         if fed.kind == "qkd":
-            from kme.qkdsim.config import sim_healthy, write_sim_config
+            from lab.qkdsim.config import sim_healthy, write_sim_config
 
             link = fed.config("A").topology.qkd_links[0]
             sim = write_sim_config(fed.root / "sim.toml", topology=fed.topology,
                                    link=link.id, ca=fed.ca.cert_path,
                                    alice=fed.certs["QKD-A-B-alice"],
                                    bob=fed.certs["QKD-A-B-bob"], log_level="warning")
-            stack.enter_context(_process(["-m", "kme.qkdsim", "--config", str(sim)],
+            stack.enter_context(_process(["-m", "lab.qkdsim", "--config", str(sim)],
                                          fed.root / "qkdsim.log"))
             deadline = time.monotonic() + 30
             while not sim_healthy(link, fed.ca.cert_path, fed.certs):

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kme.pki import CertificateAuthority
+from lab.pki import CertificateAuthority
 
 REPO = Path(__file__).resolve().parent.parent
 

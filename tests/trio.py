@@ -27,7 +27,7 @@ from typing import Any
 
 import requests
 
-from kme.federation import Federation
+from lab.federation import Federation
 from tests.federation import FederationFiles
 from tests.helpers import REPO, free_port
 

@@ -1,4 +1,4 @@
-"""A live QKD device emulator (``python -m kme.qkdsim``) for ETSI 014 contract tests.
+"""A live QKD device emulator (``python -m lab.qkdsim``) for ETSI 014 contract tests.
 
 :class:`QkdSim` writes a topology with two KMSTNs (A, B) and one QKD link
 between them, issues the device certificates (CN = kme_id) and SAE
@@ -21,8 +21,8 @@ import requests
 
 from kme.config import QkdDeviceAccess, QkdLink, TlsFiles, load_topology
 from kme.qkd import QkdDeviceClient
-from kme.qkdsim.config import sim_healthy, write_sim_config
 from kme.types import NodeId
+from lab.qkdsim.config import sim_healthy, write_sim_config
 from tests.federation import FederationFiles
 from tests.helpers import Pki, ServiceProcess
 
@@ -57,7 +57,7 @@ class QkdSim:
                                        link=self.link.id, ca=pki.ca_path,
                                        alice=self.certs[self.alice.kme_id],
                                        bob=self.certs[self.bob.kme_id], log_level="info")
-        self.proc = ServiceProcess(["-m", "kme.qkdsim", "--config", str(self.config)], root,
+        self.proc = ServiceProcess(["-m", "lab.qkdsim", "--config", str(self.config)], root,
                                    name)
         self.wait_healthy()
         self._sessions: list[requests.Session] = []

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import requests
 
-from kme.qkdsim.httpserver import MAX_HEADER
+from lab.qkdsim.httpserver import MAX_HEADER
 from tests.contract.conftest import QkdSim, assert_error
 
 pytestmark = pytest.mark.integration

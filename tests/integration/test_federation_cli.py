@@ -23,8 +23,8 @@ import grpc
 import pytest
 
 from keyvault.client import KeyVaultClient
-from kme.federation import group_alive
-from kme.saeclient import SaeClient
+from lab.federation import group_alive
+from lab.saeclient import SaeClient
 from tests.federation import FederationFiles
 from tests.helpers import REPO, run_cli
 
@@ -62,14 +62,14 @@ def _processes_mentioning(text: str) -> list[str]:
 def root() -> Iterator[Path]:
     path = Path(os.path.realpath(tempfile.mkdtemp(prefix="kmcli-", dir="/tmp")))
     yield path
-    run_cli(["-m", "kme", "federation", "down", "--state", str(path / "state")])
+    run_cli(["-m", "lab", "federation", "down", "--state", str(path / "state")])
     shutil.rmtree(path, ignore_errors=True)
 
 
 def test_up_keys_over_three_hops_status_down(root: Path) -> None:
     topology = _line(root, 61)
     state = root / "state"
-    up = run_cli(["-m", "kme", "federation", "up", "--topology", str(topology),
+    up = run_cli(["-m", "lab", "federation", "up", "--topology", str(topology),
                   "--state", str(state)], timeout=300)
     assert up.returncode == 0, up.stdout + up.stderr
     manifest = json.loads((state / "federation.json").read_text())
@@ -82,20 +82,20 @@ def test_up_keys_over_three_hops_status_down(root: Path) -> None:
         assert set(s) == {"id", "kmstn", "cert", "key"}
         assert Path(s["cert"]).is_absolute() and Path(s["key"]).exists()
 
-    got = run_cli(["-m", "kme", "sae", "get-key", "--state", str(state), "--sae", "sae-w",
+    got = run_cli(["-m", "lab", "sae", "get-key", "--state", str(state), "--sae", "sae-w",
                    "--slave", "sae-z", "--number", "2"])
     assert got.returncode == 0, got.stdout + got.stderr
     keys = json.loads(got.stdout)["keys"]
     ids = [k["key_ID"] for k in keys]
-    back = run_cli(["-m", "kme", "sae", "get-key-with-ids", "--state", str(state), "--sae",
+    back = run_cli(["-m", "lab", "sae", "get-key-with-ids", "--state", str(state), "--sae",
                     "sae-z", "--master", "sae-w", *ids])
     assert back.returncode == 0, back.stdout + back.stderr
     assert json.loads(back.stdout)["keys"] == keys  # identical IDs and bytes, 3 hops away
-    again = run_cli(["-m", "kme", "sae", "get-key-with-ids", "--state", str(state), "--sae",
+    again = run_cli(["-m", "lab", "sae", "get-key-with-ids", "--state", str(state), "--sae",
                      "sae-z", "--master", "sae-w", ids[0]])
     assert again.returncode == 1  # delivered once
 
-    status = run_cli(["-m", "kme", "federation", "status", "--state", str(state)])
+    status = run_cli(["-m", "lab", "federation", "status", "--state", str(state)])
     assert status.returncode == 0, status.stderr
     for node in "WXYZ":
         assert f"\n{node} " in status.stdout
@@ -104,7 +104,7 @@ def test_up_keys_over_three_hops_status_down(root: Path) -> None:
 
     pids = json.loads((state / "pids.json").read_text())
     assert len(pids) == 4 * 5 + 2  # five services per KMSTN, one emulator per QKD link
-    down = run_cli(["-m", "kme", "federation", "down", "--state", str(state)], timeout=120)
+    down = run_cli(["-m", "lab", "federation", "down", "--state", str(state)], timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
     assert "nothing left running" in down.stdout
     for name, info in pids.items():
@@ -140,7 +140,7 @@ def test_exchanges_recover_when_services_restart(root: Path) -> None:
     """Kill or stop any one service on a 3-hop path and start it again: the next
     exchange works at once, and a key stored before its keyvault was killed survives."""
     state = root / "state"
-    up = run_cli(["-m", "kme", "federation", "up", "--topology", str(_line(root, 71)),
+    up = run_cli(["-m", "lab", "federation", "up", "--topology", str(_line(root, 71)),
                   "--state", str(state)], timeout=300)
     assert up.returncode == 0, up.stdout + up.stderr
     _exchange(state, "sae-w", "sae-z")  # every pool, reservation and connection in use
@@ -148,7 +148,7 @@ def test_exchanges_recover_when_services_restart(root: Path) -> None:
                           ("W/gateway014", True), ("Z/gateway014", False),
                           ("X/gateway020", True), ("Y/routing", True), ("W/routing", False),
                           ("QKD-Y-Z/qkdsim", True), ("W/keyvault", False)):
-        restart = run_cli(["-m", "kme", "federation", "restart", "--state", str(state),
+        restart = run_cli(["-m", "lab", "federation", "restart", "--state", str(state),
                            service, *(["--kill"] if kill else [])], timeout=120)
         assert restart.returncode == 0, restart.stdout + restart.stderr
         _exchange(state, "sae-w", "sae-z")
@@ -160,7 +160,7 @@ def test_exchanges_recover_when_services_restart(root: Path) -> None:
     status, body = w.enc_keys("sae-z")
     w.close()
     assert status == 200, body
-    restart = run_cli(["-m", "kme", "federation", "restart", "--state", str(state),
+    restart = run_cli(["-m", "lab", "federation", "restart", "--state", str(state),
                        "Z/keyvault", "--kill"], timeout=120)
     assert restart.returncode == 0, restart.stdout + restart.stderr
     z = SaeClient.from_manifest(manifest, "sae-z")
@@ -168,10 +168,10 @@ def test_exchanges_recover_when_services_restart(root: Path) -> None:
     z.close()
     assert (status, got.get("keys")) == (200, body["keys"])
 
-    unknown = run_cli(["-m", "kme", "federation", "restart", "--state", str(state), "Q/relay"])
+    unknown = run_cli(["-m", "lab", "federation", "restart", "--state", str(state), "Q/relay"])
     assert unknown.returncode == 1 and "no such service" in unknown.stderr
     pids = json.loads((state / "pids.json").read_text())
-    down = run_cli(["-m", "kme", "federation", "down", "--state", str(state)], timeout=120)
+    down = run_cli(["-m", "lab", "federation", "down", "--state", str(state)], timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
     assert all(not group_alive(info["pgid"]) for info in pids.values())
     assert _processes_mentioning(str(state)) == []
@@ -183,7 +183,7 @@ def test_under_restarts_each_key_a_master_got_is_delivered_once_and_none_is_left
     and restarted: some requests fail (503), but every key a master got is delivered
     once, with its bytes, and every copy of a failed request is voided in the end."""
     state = root / "state"
-    up = run_cli(["-m", "kme", "federation", "up", "--topology", str(_line(root, 75)),
+    up = run_cli(["-m", "lab", "federation", "up", "--topology", str(_line(root, 75)),
                   "--state", str(state)], timeout=300)
     assert up.returncode == 0, up.stdout + up.stderr
     manifest = json.loads((state / "federation.json").read_text())
@@ -207,7 +207,7 @@ def test_under_restarts_each_key_a_master_got_is_delivered_once_and_none_is_left
         time.sleep(1.0)
         for service, kill in (("X/relay", True), ("Y/gateway020", True),
                               ("Z/keyvault", True), ("Y/relay", False)):
-            restart = run_cli(["-m", "kme", "federation", "restart", "--state", str(state),
+            restart = run_cli(["-m", "lab", "federation", "restart", "--state", str(state),
                                service, *(["--kill"] if kill else [])], timeout=120)
             assert restart.returncode == 0, restart.stdout + restart.stderr
             time.sleep(0.5)
@@ -230,7 +230,7 @@ def test_under_restarts_each_key_a_master_got_is_delivered_once_and_none_is_left
     while any(v.total_keys() for v in vaults.values()):
         assert time.monotonic() < deadline, {n: v.total_keys() for n, v in vaults.items()}
         time.sleep(0.5)
-    down = run_cli(["-m", "kme", "federation", "down", "--state", str(state)], timeout=120)
+    down = run_cli(["-m", "lab", "federation", "down", "--state", str(state)], timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
 
 
@@ -243,7 +243,7 @@ def test_failed_start_names_the_service_and_leaves_nothing(root: Path) -> None:
     blocker.bind(("127.0.0.66", x_port))
     blocker.listen()
     try:
-        up = run_cli(["-m", "kme", "federation", "up", "--topology", str(topology),
+        up = run_cli(["-m", "lab", "federation", "up", "--topology", str(topology),
                       "--state", str(root / "state"), "--timeout", "60"], timeout=300)
     finally:
         blocker.close()

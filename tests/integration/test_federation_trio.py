@@ -2,7 +2,7 @@
 
 A =QKD= B --PQC-- C (+ a foreign KMS F on a site link to B). Every service is
 its own process (real swtpm, SQLCipher, mTLS, emulated QKD devices), started
-by the real launcher (kme/federation.py).
+by the real launcher (lab/federation.py).
 """
 
 from __future__ import annotations

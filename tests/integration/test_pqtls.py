@@ -18,8 +18,8 @@ from cheroot.ssl.pyopenssl import pyOpenSSLAdapter
 from gateway.serve020 import _PeerGateway
 from kme.config import TlsFiles
 from kme.errors import ErrorCode, KmstnError
-from kme.pki import CertificateAuthority
 from kme.pqtls import PQ_GROUP, PeerHttpClient, server_context
+from lab.pki import CertificateAuthority
 from tests.helpers import Pki, free_port
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from kme.qkdsim.config import load_sim_config, sim_healthy, write_sim_config
+from lab.qkdsim.config import load_sim_config, sim_healthy, write_sim_config
 from tests.contract.conftest import QkdSim
 from tests.federation import FederationFiles
 from tests.helpers import REPO, Pki, ServiceProcess, run_cli
@@ -66,7 +66,7 @@ def files(tmp_path: Path, pki: Pki) -> Files:
 
 
 def test_check_config_accepts_a_valid_file(files: Files) -> None:
-    result = run_cli(["-m", "kme.qkdsim", "--config", str(files.sim_toml()), "--check-config"])
+    result = run_cli(["-m", "lab.qkdsim", "--config", str(files.sim_toml()), "--check-config"])
     assert result.returncode == 0, result.stderr
     assert "configuration is valid" in result.stdout
     cfg = load_sim_config(files.sim_toml())
@@ -102,7 +102,7 @@ def test_bad_configuration_exits_78_naming_the_field(files: Files, override: dic
     override = {k: ({kk: swap.get(vv, vv) for kk, vv in v.items()} if isinstance(v, dict)
                     else v) for k, v in override.items()}
     cfg = files.sim_toml(**override)
-    result = run_cli(["-m", "kme.qkdsim", "--config", str(cfg)])
+    result = run_cli(["-m", "lab.qkdsim", "--config", str(cfg)])
     assert result.returncode == 78, result.stderr
     assert f"{cfg}: {field}: " in result.stderr, result.stderr
     assert problem in result.stderr
@@ -110,20 +110,20 @@ def test_bad_configuration_exits_78_naming_the_field(files: Files, override: dic
 
 def test_a_bad_topology_exits_78(files: Files) -> None:
     files.topology.write_text(files.topology.read_text() + "\nbogus = 1\n")
-    result = run_cli(["-m", "kme.qkdsim", "--config", str(files.sim_toml())])
+    result = run_cli(["-m", "lab.qkdsim", "--config", str(files.sim_toml())])
     assert result.returncode == 78
     assert "bogus: unknown key" in result.stderr
 
 
 def test_key_size_not_whole_bytes_exits_78(tmp_path: Path, pki: Pki) -> None:
     f = Files(tmp_path, pki, key_size=252)
-    result = run_cli(["-m", "kme.qkdsim", "--config", str(f.sim_toml())])
+    result = run_cli(["-m", "lab.qkdsim", "--config", str(f.sim_toml())])
     assert result.returncode == 78
     assert "not a multiple of 8" in result.stderr
 
 
 def test_missing_config_file_exits_78(tmp_path: Path) -> None:
-    result = run_cli(["-m", "kme.qkdsim", "--config", str(tmp_path / "none.toml")])
+    result = run_cli(["-m", "lab.qkdsim", "--config", str(tmp_path / "none.toml")])
     assert result.returncode == 78
     assert "file not found" in result.stderr
 
@@ -134,7 +134,7 @@ def test_busy_port_exits_1(files: Files) -> None:
     with socket.socket() as blocker:
         blocker.bind((device.host, device.port))
         blocker.listen(1)
-        result = run_cli(["-m", "kme.qkdsim", "--config", str(files.sim_toml())])
+        result = run_cli(["-m", "lab.qkdsim", "--config", str(files.sim_toml())])
     assert result.returncode == 1
     assert f"cannot listen on {device.host}:{device.port}" in result.stderr
 
@@ -143,7 +143,7 @@ def test_health_sigterm_and_json_logs_without_key_bytes(files: Files) -> None:
     cfg_path = files.sim_toml(log={"level": "debug"})
     cfg = load_sim_config(cfg_path)
     certs = {"QKD-A-B-alice": _Pair(*files.alice), "QKD-A-B-bob": _Pair(*files.bob)}
-    proc = ServiceProcess(["-m", "kme.qkdsim", "--config", str(cfg_path)], files.root, "sim")
+    proc = ServiceProcess(["-m", "lab.qkdsim", "--config", str(cfg_path)], files.root, "sim")
     try:
         deadline = time.monotonic() + 30
         while not sim_healthy(cfg.link, files.pki.ca_path, certs, timeout=1.0):

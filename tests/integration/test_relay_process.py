@@ -3,7 +3,7 @@
 A seals through its internal gRPC socket, B opens through its own; the KEM
 exchange runs between them on their relay ports over mutual TLS. Over a PQC
 hop and over a QKD hop (with the emulated devices of ``python -m
-kme.qkdsim``): 1,000 messages each open to the original bytes, every replay
+lab.qkdsim``): 1,000 messages each open to the original bytes, every replay
 is rejected, and the sender's record (its ``sealed`` log lines) never names a
 session twice. No secret reaches either process's log.
 """
@@ -25,9 +25,9 @@ import pytest
 
 from kme.config import NodeConfig, QkdLink, load_node_config
 from kme.errors import ErrorCode, KmstnError
-from kme.pki import Issued
 from kme.rpc.v1 import relay_pb2, relay_pb2_grpc
 from kme.types import NodeId, SaeId, SecretBytes
+from lab.pki import Issued
 from relay import envelope as env
 from relay import kem
 from relay.client import RelayClient
@@ -262,7 +262,7 @@ def test_unpipelined_exchange_with_a_real_receiver(
 
 
 def start_qkdsim(fed: FederationFiles, pki: Pki, link: QkdLink) -> ServiceProcess:
-    from kme.qkdsim.config import sim_healthy, write_sim_config
+    from lab.qkdsim.config import sim_healthy, write_sim_config
 
     certs: dict[str, Issued] = {}
     for end in (link.alice, link.bob):
@@ -273,7 +273,7 @@ def start_qkdsim(fed: FederationFiles, pki: Pki, link: QkdLink) -> ServiceProces
                                 link=link.id, ca=pki.ca_path,
                                 alice=certs[link.alice.kme_id],  # type: ignore[union-attr]
                                 bob=certs[link.bob.kme_id])  # type: ignore[union-attr]
-    proc = ServiceProcess(["-m", "kme.qkdsim", "--config", str(sim_file)], fed.root / "sim",
+    proc = ServiceProcess(["-m", "lab.qkdsim", "--config", str(sim_file)], fed.root / "sim",
                           "qkdsim")
     deadline = time.monotonic() + 30
     while not sim_healthy(link, pki.ca_path, certs):

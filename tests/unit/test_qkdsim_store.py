@@ -1,4 +1,4 @@
-"""kme.qkdsim.store: the rate model and the shared key stream, on a simulated clock."""
+"""lab.qkdsim.store: the rate model and the shared key stream, on a simulated clock."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 
 from kme.config import DeviceEndpoint, Outage, QkdLink, QkdSimSettings
 from kme.errors import ErrorCode, KmstnError
-from kme.qkdsim.store import KeyStream
 from kme.types import NodeId, SaeId
+from lab.qkdsim.store import KeyStream
 
 
 class Clock:
@@ -237,7 +237,7 @@ def test_zero_rate_means_no_blocks() -> None:
 
 
 def test_pending_keys_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kme.qkdsim import store as store_module
+    from lab.qkdsim import store as store_module
 
     monkeypatch.setattr(store_module, "MAX_PENDING", 5)
     s, _ = filled()

@@ -25,7 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kme.config import Topology
 
-__all__ = ["CertificateAuthority", "Issued", "common_name_of", "issue_for_topology"]
+__all__ = ["CertificateAuthority", "Issued", "issue_for_topology"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,16 +145,6 @@ class CertificateAuthority:
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         _write_key(key_path, key)
         return Issued(cert_path, key_path)
-
-
-def common_name_of(cert_der: bytes) -> str | None:
-    """The subject CN of a DER certificate (kmstn's identity rule), or None."""
-    cert = x509.load_der_x509_certificate(cert_der)
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(names) != 1:
-        return None
-    value = names[0].value
-    return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
 def issue_for_topology(ca: CertificateAuthority, topology: Topology, out_dir: Path,

@@ -1,7 +1,7 @@
 """The shared key stream of one emulated QKD link: generation, issue, take.
 
 Pure logic with an injectable clock and random source, so the rate model is
-tested without sleeping. The HTTP side (``kme.qkdsim.server``) calls it from
+tested without sleeping. The HTTP side (``lab.qkdsim.server``) calls it from
 one event loop thread only; nothing here locks or blocks.
 
 Rate model (see also the package docstring):

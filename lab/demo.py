@@ -1,6 +1,6 @@
 """``make demo``: the paper's testbed on this machine, keys across QKD islands.
 
-    python -m kme.demo [--topology examples/testbed.toml] [--state state/demo] [--keep]
+    python -m lab.demo [--topology examples/testbed.toml] [--state state/demo] [--keep]
 
 Brings up the federation of the topology (8 KMSTNs, 4 QKD links, PQC links
 between the islands, each KMSTN on its own loopback address), lets SAE pairs
@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kme.bench import Ctx, route_summary
 from kme.config import load_topology
-from kme.federation import Federation, FederationError
-from kme.saeclient import SaeClient
+from lab.bench import Ctx, route_summary
+from lab.federation import Federation, FederationError
+from lab.saeclient import SaeClient
 
 DEFAULT_PAIRS = [("SAE1", "SAE2"), ("SAE3", "SAE4"), ("SAE5", "SAE6"), ("SAE7", "SAE8"),
                  ("SAE2", "SAE3"), ("SAE4", "SAE5"), ("SAE6", "SAE7"), ("SAE1", "SAE4"),

@@ -46,16 +46,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from kme.config import (
+    LOG_LEVELS,
     ConfigError,
     DeviceEndpoint,
     QkdLink,
     TlsFiles,
     Topology,
-    _read_toml,
-    _Table,
     load_topology,
 )
-from kme.pki import common_name_of
+from kme.config.reader import Table, read_toml
+from kme.identity import common_name_of
 
 __all__ = ["HEALTH_PATH", "SimConfig", "load_sim_config", "server_context", "sim_health",
            "sim_healthy", "write_sim_config"]
@@ -64,7 +64,7 @@ HEALTH_PATH = "/healthz"
 
 
 class _CertPair(Protocol):
-    """Anything with ``cert`` and ``key`` paths (kme.pki.Issued, TlsFiles)."""
+    """Anything with ``cert`` and ``key`` paths (lab.pki.Issued, TlsFiles)."""
 
     @property
     def cert(self) -> Path: ...
@@ -98,7 +98,7 @@ def server_context(tls: TlsFiles) -> ssl.SSLContext:
     return ctx
 
 
-def _end_tls(root: _Table, end: str, ca: Path, device: DeviceEndpoint) -> TlsFiles:
+def _end_tls(root: Table, end: str, ca: Path, device: DeviceEndpoint) -> TlsFiles:
     t = root.table(end)
     if not t.data:
         raise root.error(end, "is required (cert and key of this end's listener)")
@@ -123,7 +123,7 @@ def _end_tls(root: _Table, end: str, ca: Path, device: DeviceEndpoint) -> TlsFil
 def load_sim_config(path: str | Path) -> SimConfig:
     """Read and validate ``sim.toml`` and the topology it names."""
     file = Path(path).resolve()
-    root = _Table(file, _read_toml(file))
+    root = Table(file, read_toml(file))
     topology = load_topology(root.path("topology", must_exist=True))
     link_id = root.text("link")
     qkd = {link.id: link for link in topology.qkd_links}
@@ -146,7 +146,7 @@ def load_sim_config(path: str | Path) -> SimConfig:
     alice = _end_tls(root, "alice", ca, link.device_of(link.a))
     bob = _end_tls(root, "bob", ca, link.device_of(link.b))
     lg = root.table("log")
-    level = lg.text("level", "info", choices=("debug", "info", "warning", "error"))
+    level = lg.choice("level", LOG_LEVELS, "info")
     lg.close()
     root.close()
     return SimConfig(file, topology, link, alice, bob, level)
@@ -214,7 +214,7 @@ def sim_healthy(link: QkdLink, ca: Path, certs: Mapping[str, _CertPair],
                 timeout: float = 2.0) -> bool:
     """True once both ends of ``link`` answer ``GET /healthz`` over mutual TLS.
 
-    ``certs`` maps identities to certificates (as ``kme.pki.issue_for_topology``
+    ``certs`` maps identities to certificates (as ``lab.pki.issue_for_topology``
     returns them); each end is asked with its own device certificate (CN =
     kme_id), which the emulator accepts for /healthz only.
     """

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from kme.channels import internal_channel
+from kme.config import QkdLink
 from kme.errors import KmstnError
-from kme.federation import Federation
 from kme.qkd import QkdDeviceClient
+from lab.federation import Federation
+from routing.client import RoutingClient
 
 __all__ = ["render_status"]
 
@@ -29,8 +31,6 @@ def render_status(fed: Federation) -> str:
             for node in configs]
     parts = [_table(["KMSTN", *SERVICES], rows)]
 
-    from routing.client import RoutingClient
-
     link_rows = []
     topology = next(iter(configs.values())).topology
     states: dict[str, str] = {}
@@ -48,11 +48,11 @@ def render_status(fed: Federation) -> str:
     for link in topology.links:
         pools = []
         for end in (link.a, link.b):
-            if link.kind != "qkd" or end not in configs:
+            if not isinstance(link, QkdLink) or end not in configs:
                 pools.append("-")
                 continue
             access = configs[end].qkd_devices[link.id]
-            client = QkdDeviceClient(link, end, access)  # type: ignore[arg-type]
+            client = QkdDeviceClient(link, end, access)
             try:
                 st = client.status()
                 pools.append(f"{st.stored_key_count}/{st.max_key_count}")

@@ -44,18 +44,24 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
 import statistics
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kme.config import Topology, load_topology
-from kme.federation import group_members
-from kme.saeclient import SaeClient
+from kme.config import Topology, load_node_config, load_topology
+from kme.errors import ErrorCode, KmstnError
+from kme.qkd import QkdDeviceClient
 from kme.types import NodeId
+from lab.federation import group_members
+from lab.qkdsim.config import sim_health
+from lab.saeclient import SaeClient
+from routing.graph import RoutingTable
 
 __all__ = ["allowed_rate", "drain_devices", "qkd_cost", "run_bench"]
 
@@ -77,8 +83,6 @@ def qkd_cost(topology: Topology, master_node: str, slave_node: str,
     hop of the route spends one 256-bit QKD key per message, shared by the
     ``keys_per_message`` keys it carries.
     """
-    from routing.graph import RoutingTable
-
     src, dst = NodeId(master_node), NodeId(slave_node)
     qkd_of = {frozenset((lk.a, lk.b)): lk for lk in topology.qkd_links}
     mine = [lk for lk in topology.qkd_links if src in (lk.a, lk.b)]
@@ -196,8 +200,6 @@ def _delay_pairs(ctx: Ctx) -> list[tuple[str, str]]:
 
 
 def route_summary(ctx: Ctx, master: str, slave: str) -> tuple[int, str]:
-    from routing.graph import RoutingTable
-
     src, dst = ctx.sae_node(master), ctx.sae_node(slave)
     route = RoutingTable(ctx.topology, NodeId(src)).route_to_node(dst)
     return len(route.hops), "-".join(h.kind for h in route.hops) or "local"
@@ -212,10 +214,6 @@ def drain_devices(ctx: Ctx) -> int:
     Asks for the most keys a request may take, then halves the number after
     each 503 down to one key, so no remainder smaller than a request is left.
     """
-    from kme.config import load_node_config
-    from kme.errors import ErrorCode, KmstnError
-    from kme.qkd import QkdDeviceClient
-
     drained = 0
     for link in ctx.topology.qkd_links:
         cfg = load_node_config(ctx.state / "nodes" / link.a / "node.toml")
@@ -236,9 +234,6 @@ def drain_devices(ctx: Ctx) -> int:
 
 def generated_bits(ctx: Ctx) -> dict[str, int]:
     """Bits of key each emulated QKD link has generated so far (its health counters)."""
-    from kme.config import load_node_config
-    from kme.qkdsim.config import sim_health
-
     out = {}
     for link in ctx.topology.qkd_links:
         cfg = load_node_config(ctx.state / "nodes" / link.a / "node.toml")
@@ -411,8 +406,6 @@ CONCURRENCY_COLUMNS = [("round", "round", "d"), ("pair", "pair", ""),
 
 
 def _cpu_seconds(pid: int) -> float:
-    import os
-
     try:
         with open(f"/proc/{pid}/stat") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
@@ -502,8 +495,6 @@ def run_bench(kind: str, state: Path, args: Any) -> int:
 
 def _rate_scale(state: Path, topology: Topology) -> float:
     """The emulator rate scale the federation runs with (from its sim files)."""
-    import tomllib
-
     for link in topology.qkd_links:
         path = state / "sim" / f"{link.id}.toml"
         if path.exists():

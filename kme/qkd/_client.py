@@ -1,62 +1,4 @@
-"""The southbound ETSI GS QKD 014 client: this node's side of its QKD devices.
-
-The relay and the gateway read QKD keys through :class:`QkdDeviceClient`,
-one per QKD link of this node, from any vendor KME that speaks ETSI 014
-V1.1.1 (the emulator ``kme.qkdsim`` or real devices). :class:`QkdDevices`
-builds them from the node file.
-
-Transport: HTTPS with mutual TLS (clause 2), the node's certificate from
-``[[qkd_device]]`` (or ``[tls]``) as client identity, the device verified
-against the configured CA only (no environment settings can widen trust),
-keep-alive connections, and a timeout on every call (``timeout_ms`` of the
-device entry). The connections are the standard library's
-``http.client``: on the 2-core reference machine an enc_keys round trip to
-the emulator took 0.53 ms p50 with it against 1.29 ms with ``requests``
-(and 0.81 ms with a bare urllib3 pool), and device calls sit on the hot
-path of every key request.
-
-Thread safety: a client is used by many threads at once. Each call borrows
-a connection from a small lock-free pool (a ``SimpleQueue``) and returns it
-afterwards, so no lock is held across I/O and the number of connections
-never exceeds the number of concurrent callers. An idle connection the
-device has closed is noticed before reuse (its socket reads as ready) and
-replaced, so a request is never sent on a dead connection.
-
-Retries, only where safe:
-
-- ``status`` is a read; it is retried (twice) after a connection failure or
-  a timeout.
-- ``enc_keys`` and ``dec_keys`` consume keys on the device. They are retried
-  only when the connection could not be opened at all (the request never
-  left this node). Once a request may have reached the device, a failure is
-  reported, never retried blindly: a repeated enc_keys would waste key
-  material, and a repeated dec_keys would hit "not found" for keys the first
-  attempt consumed.
-
-Errors map to ``ErrorCode`` (the device's own words go to ``cause`` for the
-private log, never to ``public``):
-
-============================  ====================================================
-device answer                 KmstnError code
-============================  ====================================================
-400 ``one or more keys ...``  KEY_NOT_FOUND (any 400 or 404 on dec_keys)
-400 ``size shall be ...``     SIZE_NOT_MULTIPLE_OF_8
-400 extension messages        UNSUPPORTED_ / UNSATISFIED_MANDATORY_EXTENSION
-other 400                     INVALID_ARGUMENT
-401                           UNAUTHENTICATED (status, enc_keys), PERMISSION_DENIED (dec_keys)
-503 on enc_keys               INSUFFICIENT_KEY, or UNAVAILABLE for a link outage
-503 on status, dec_keys       UNAVAILABLE
-other status, bad JSON        UNAVAILABLE
-no connection                 UNAVAILABLE
-no answer within timeout_ms   TIMEOUT
-============================  ====================================================
-
-The sanitizing proxy of paper section IV-A.1: :func:`sanitize` splits a
-northbound Key request into what the device may see (number, size, foreign
-extensions) and the overlay-only fields it cannot know (additional slave
-SAEs on other nodes, ``kmstn_`` extensions), which the node keeps for
-routing; :meth:`QkdDeviceClient.enc_keys_request` sends the sanitized part.
-"""
+"""The southbound ETSI 014 client: connections, calls and retries toward one device."""
 
 from __future__ import annotations
 
@@ -68,80 +10,27 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
 from kme import etsi014
 from kme.config import DeviceEndpoint, NodeConfig, QkdDeviceAccess, QkdLink
 from kme.errors import ErrorCode, KmstnError
 from kme.etsi014 import KeyRequest, Status
+from kme.qkd._errors import Op, device_error
+from kme.qkd._sanitize import OverlayFields, sanitize
 from kme.types import Key, NodeId
 
-__all__ = [
-    "OVERLAY_EXTENSION_PREFIX",
-    "DeviceStatus",
-    "OverlayFields",
-    "QkdDeviceClient",
-    "QkdDevices",
-    "sanitize",
-]
+__all__ = ["DeviceStatus", "QkdDeviceClient", "QkdDevices"]
 
-# Extensions whose name carries this vendor prefix (ETSI 014 clause 4.2
-# naming) are kmstn's own overlay fields and never go to a device.
-OVERLAY_EXTENSION_PREFIX: Final = "kmstn_"
-# The emulator marks a 503 caused by an outage window with this details key.
-_OUTAGE_DETAIL: Final = "link_outage"
 _STATUS_ATTEMPTS: Final = 3
 _CONNECT_ATTEMPTS: Final = 3
 # Idle connections older than this are not reused (the emulator closes after 60 s).
 _IDLE_S: Final = 30.0
 
 DeviceStatus = Status
-Op = Literal["status", "enc_keys", "dec_keys"]
 T = TypeVar("T")
-
-
-# -- the sanitizing proxy ------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class OverlayFields:
-    """What :func:`sanitize` kept back from the device, for routing."""
-
-    additional_slave_sae_ids: tuple[str, ...] = ()
-    extension_mandatory: tuple[dict[str, Any], ...] = ()
-    extension_optional: tuple[dict[str, Any], ...] = ()
-
-
-def _split(entries: Sequence[Mapping[str, Any]]) -> tuple[tuple[dict[str, Any], ...],
-                                                             tuple[dict[str, Any], ...]]:
-    device: list[dict[str, Any]] = []
-    overlay: list[dict[str, Any]] = []
-    for entry in entries:
-        for name, value in entry.items():
-            (overlay if name.startswith(OVERLAY_EXTENSION_PREFIX) else device).append(
-                {name: value})
-    return tuple(device), tuple(overlay)
-
-
-def sanitize(req: KeyRequest) -> tuple[KeyRequest, OverlayFields]:
-    """Paper IV-A.1: the request for the local device, and the overlay fields kept back.
-
-    The device gets the same ``number`` and ``size`` and any extension that
-    is not kmstn's; it never sees ``additional_slave_SAE_IDs`` (SAEs on
-    other nodes, unknown to a point-to-point device, which would refuse
-    them) nor ``kmstn_*`` extensions.
-    """
-    dev_mand, ovl_mand = _split(req.extension_mandatory)
-    dev_opt, ovl_opt = _split(req.extension_optional)
-    device_req = KeyRequest(number=req.number, size=req.size,
-                            extension_mandatory=dev_mand, extension_optional=dev_opt)
-    return device_req, OverlayFields(req.additional_slave_sae_ids, ovl_mand, ovl_opt)
-
-
-# -- the client ------------------------------------------------------------------------
 
 
 class _TransportError(KmstnError):
@@ -296,53 +185,12 @@ class QkdDeviceClient:
                 if tries >= (attempts if exc.sent else max(attempts, _CONNECT_ATTEMPTS)):
                     raise
         if status != 200:
-            raise self._device_error(op, status, content)
+            raise device_error(self.link.id, op, status, content)
         try:
             return parse(content)
         except KmstnError as exc:
             raise KmstnError(ErrorCode.UNAVAILABLE, "the QKD device answered badly",
                              cause=f"{self.link.id} {op}: {exc.public}") from None
-
-    def _device_error(self, op: Op, status: int, content: bytes) -> KmstnError:
-        message, details = etsi014.parse_error_body(content)
-        said = message if message is not None else content[:200].decode("utf-8", "replace")
-        cause = f"{self.link.id} {op}: HTTP {status}: {said[:300]}"
-        if op == "dec_keys" and status in (400, 404):
-            # Clause 5.4: our Key IDs body is well formed by construction, so
-            # a 400 means the IDs were not found (404 from some vendors,
-            # spec note section 6).
-            return KmstnError(ErrorCode.KEY_NOT_FOUND, etsi014.MSG_KEYS_NOT_FOUND, cause=cause)
-        if status == 400:
-            code, public = {
-                etsi014.MSG_KEYS_NOT_FOUND: (ErrorCode.KEY_NOT_FOUND,
-                                             etsi014.MSG_KEYS_NOT_FOUND),
-                etsi014.MSG_SIZE_NOT_MULTIPLE_OF_8: (ErrorCode.SIZE_NOT_MULTIPLE_OF_8,
-                                                     etsi014.MSG_SIZE_NOT_MULTIPLE_OF_8),
-                etsi014.MSG_EXT_MANDATORY_UNSUPPORTED: (
-                    ErrorCode.UNSUPPORTED_MANDATORY_EXTENSION,
-                    etsi014.MSG_EXT_MANDATORY_UNSUPPORTED),
-                etsi014.MSG_EXT_MANDATORY_UNMET: (ErrorCode.UNSATISFIED_MANDATORY_EXTENSION,
-                                                  etsi014.MSG_EXT_MANDATORY_UNMET),
-            }.get(message or "", (ErrorCode.INVALID_ARGUMENT,
-                                  "the QKD device refused the request"))
-            return KmstnError(code, public, cause=cause)
-        if status == 401:
-            if op == "dec_keys":
-                return KmstnError(ErrorCode.PERMISSION_DENIED,
-                                  "the QKD device does not release these keys to this node",
-                                  cause=cause)
-            return KmstnError(ErrorCode.UNAUTHENTICATED,
-                              "the QKD device did not accept this node's credentials",
-                              cause=cause)
-        if status == 503:
-            outage = any(_OUTAGE_DETAIL in d for d in details)
-            if op == "enc_keys" and not outage:
-                return KmstnError(ErrorCode.INSUFFICIENT_KEY,
-                                  "not enough QKD key material on the device", cause=cause)
-            return KmstnError(ErrorCode.UNAVAILABLE, "the QKD device is unavailable",
-                              cause=cause)
-        return KmstnError(ErrorCode.UNAVAILABLE, "the QKD device answered with an error",
-                          cause=cause)
 
     # -- ETSI 014 ----------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 No lab, CI run or demo of kmstn has QKD hardware, so this package emulates
 the vendor devices closely enough to measure against::
 
-    python -m kme.qkdsim --config sim.toml        # or: kmstn-qkdsim --config sim.toml
+    python -m lab.qkdsim --config sim.toml        # or: kmstn-qkdsim --config sim.toml
 
 Shape
 -----
@@ -48,7 +48,7 @@ Per link, from the topology: ``secret_key_rate`` (bits/s), ``block_size``
 - Keys issued at one end and never taken at the other are forgotten after
   ``issued_ttl_s``.
 
-The store module (``kme.qkdsim.store``) has the details and the argument
+The store module (``lab.qkdsim.store``) has the details and the argument
 for drawing key bytes at issue time.
 
 Why asyncio, and why no framework
@@ -56,7 +56,7 @@ Why asyncio, and why no framework
 A target of more than 1,000 enc_keys requests per second on a shared 2-core
 machine, with keep-alive mutual-TLS clients, rules out a per-request TLS
 handshake and favours a thin server. Both listeners run on one asyncio event
-loop with a minimal HTTP/1.1 implementation (``kme.qkdsim.httpserver``):
+loop with a minimal HTTP/1.1 implementation (``lab.qkdsim.httpserver``):
 keep-alive, Content-Length and chunked bodies, timeouts on every read and
 write, bounded headers, bodies and connections. The request handler is
 synchronous and touches only memory, so the one loop thread owns the store:
@@ -72,7 +72,7 @@ to any client certificate of the CA (no SAE check), with the store's
 counters (stored, generated, dropped and delivered bits, pending keys) but
 never key data. It stays 200 during an outage window (the process is
 healthy; the emulated link is not) and reports ``"outage": true``.
-:func:`kme.qkdsim.config.sim_healthy` polls both ends the way the federation
+:func:`lab.qkdsim.config.sim_healthy` polls both ends the way the federation
 launcher does. Exit codes: 0 after SIGTERM/SIGINT, 78 on a bad
 configuration (the message names the file and field), 1 if a listener
 cannot bind.

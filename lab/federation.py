@@ -3,7 +3,7 @@
 ``up`` prepares a state directory and starts, for every KMSTN of the
 topology, its routing, keyvault (with its swtpm), relay and both gateway
 processes, each KMSTN on its own loopback address; and for every QKD link its
-emulated device pair (kme.qkdsim). It waits until every service answers its
+emulated device pair (lab.qkdsim). It waits until every service answers its
 health check, then writes ``federation.json`` and returns, leaving the
 processes running in their own process groups. If anything fails to start,
 everything started so far is stopped and the error names the service, why,
@@ -37,17 +37,27 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kme.config import NodeConfig, QkdLink, Topology, load_node_config, load_topology
-from kme.pki import CertificateAuthority, Issued, issue_for_topology
+from kme.config import (
+    NodeConfig,
+    QkdLink,
+    TlsFiles,
+    Topology,
+    load_node_config,
+    load_topology,
+)
+from kme.pqtls import PeerHttpClient
+from lab.pki import CertificateAuthority, Issued, issue_for_topology
+from lab.qkdsim.config import sim_healthy, write_sim_config
 
 __all__ = ["Federation", "FederationError", "ServiceSpec", "group_alive", "group_members"]
 
-GRPC_SERVICES = ("routing", "keyvault", "relay")
+GRPC_SERVICES: Final[tuple[Literal["routing", "keyvault", "relay"], ...]] = (
+    "routing", "keyvault", "relay")
 
 
 class FederationError(Exception):
@@ -104,9 +114,6 @@ def _https_healthy(host: str, port: int, ca: Path, cert: Issued, path: str = "/h
     """GET a health path over mutual TLS; pq selects the X25519MLKEM768 client."""
     try:
         if pq:
-            from kme.config import TlsFiles
-            from kme.pqtls import PeerHttpClient
-
             client = PeerHttpClient(TlsFiles(ca, cert.cert, cert.key))
             try:
                 return client.request("GET", f"https://{host}:{port}{path}", expected_peer,
@@ -186,8 +193,6 @@ class Federation:
 
     def _write_sim_config(self, link: QkdLink, ca: CertificateAuthority,
                           certs: dict[str, Issued]) -> Path:
-        from kme.qkdsim.config import write_sim_config
-
         if link.alice is None or link.bob is None:
             raise FederationError(link.id, "a QKD link needs both device endpoints")
         return write_sim_config(
@@ -198,15 +203,13 @@ class Federation:
     def services(self, topology: Topology, certs: dict[str, Issued],
                  ca: CertificateAuthority) -> list[list[ServiceSpec]]:
         """Start order in waves: devices; then routing, keyvault, relay; then gateways."""
-        from kme.qkdsim.config import sim_healthy
-
         logs = self.state / "logs"
         py = sys.executable
         devices: list[ServiceSpec] = []
         for link in topology.qkd_links:
             sim_cfg = self.state / "sim" / f"{link.id}.toml"
             devices.append(ServiceSpec(
-                f"{link.id}/qkdsim", [py, "-m", "kme.qkdsim", "--config", str(sim_cfg)],
+                f"{link.id}/qkdsim", [py, "-m", "lab.qkdsim", "--config", str(sim_cfg)],
                 logs / f"{link.id}-qkdsim.log",
                 functools.partial(sim_healthy, link, ca.cert_path, certs)))
         core: list[ServiceSpec] = []
@@ -217,7 +220,7 @@ class Federation:
             node_path = self.node_file(node.id)
             cfg = load_node_config(node_path)
             for svc in GRPC_SERVICES:
-                target = cfg.endpoint(svc).grpc_target  # type: ignore[arg-type]
+                target = cfg.endpoint(svc).grpc_target
                 core.append(ServiceSpec(
                     f"{node.id}/{svc}", [py, "-m", svc, "--config", str(node_path)],
                     logs / f"{node.id}-{svc}.log", functools.partial(_grpc_healthy, target)))

@@ -1,8 +1,8 @@
 """Benchmark of the QKD device emulator with the node's own southbound client.
 
-    python -m kme.qkdsim.bench [--quick] [--seconds 10] [--drain-seconds 60]
+    python -m lab.qkdsim.bench [--quick] [--seconds 10] [--drain-seconds 60]
 
-Starts a real ``python -m kme.qkdsim`` process for one link on 127.0.0.1
+Starts a real ``python -m lab.qkdsim`` process for one link on 127.0.0.1
 (throwaway CA, mutual TLS) and drives it with :class:`kme.qkd.QkdDeviceClient`
 (keep-alive http.client connections, borrowed per thread), then prints:
 
@@ -26,7 +26,9 @@ Client and server share the machine: on 2 cores the client's own cost
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import multiprocessing
 import socket
 import ssl
 import statistics
@@ -42,10 +44,10 @@ from typing import Any
 
 from kme.config import QkdDeviceAccess, QkdLink, TlsFiles, load_topology
 from kme.errors import ErrorCode, KmstnError
-from kme.pki import CertificateAuthority
 from kme.qkd import QkdDeviceClient
-from kme.qkdsim.config import HEALTH_PATH, sim_healthy, write_sim_config
 from kme.types import NodeId
+from lab.pki import CertificateAuthority
+from lab.qkdsim.config import HEALTH_PATH, sim_healthy, write_sim_config
 
 HOST = "127.0.0.1"
 
@@ -102,7 +104,7 @@ bob = {{ host = "{HOST}", port = {_free_port()} }}
                                bob=self.certs["L-bob"], log_level="warning")
         link = load_topology(topo).qkd_links[0]
         log = (self.root / "qkdsim.log").open("ab")
-        proc = subprocess.Popen([sys.executable, "-m", "kme.qkdsim", "--config", str(cfg)],  # noqa: S603
+        proc = subprocess.Popen([sys.executable, "-m", "lab.qkdsim", "--config", str(cfg)],  # noqa: S603
                                 stdout=log, stderr=log)
         try:
             deadline = time.monotonic() + 30
@@ -123,8 +125,6 @@ bob = {{ host = "{HOST}", port = {_free_port()} }}
         return QkdDeviceClient(link, NodeId(node), access)
 
     def health(self, link: QkdLink) -> dict[str, Any]:
-        import http.client
-
         assert link.alice is not None  # noqa: S101 - a bench, the link was just loaded
         ctx = ssl.create_default_context(cafile=str(self.ca.cert_path))
         ctx.load_cert_chain(str(self.certs["L-alice"].cert), str(self.certs["L-alice"].key))
@@ -188,8 +188,6 @@ def _kmstn_client_run(client: QkdDeviceClient, concurrency: int,
 
 def _lean_worker(args: tuple[str, int, str, str, str, float, float]) -> tuple[list[float], int]:
     """One process, one keep-alive mTLS connection (http.client), enc_keys in a loop."""
-    import http.client
-
     host, port, ca, cert, key, start_at, stop_at = args
     ctx = ssl.create_default_context(cafile=ca)
     ctx.load_cert_chain(cert, key)
@@ -217,8 +215,6 @@ def _lean_worker(args: tuple[str, int, str, str, str, float, float]) -> tuple[li
 def _lean_client_run(bench: Bench, link: QkdLink, concurrency: int,
                      seconds: float) -> dict[str, Any]:
     """Separate processes, so the client side is not one GIL: the emulator's own capacity."""
-    import multiprocessing
-
     device = link.device_of(link.a)
     issued = bench.certs["A"]
     start_at = time.time() + 2.0  # after every worker has spawned and connected
@@ -252,8 +248,6 @@ def transports(bench: Bench, requests_n: int = 500) -> list[tuple[str, float, fl
     http.client and kme.qkd (http.client underneath). requests and urllib3
     are test-extra dependencies; a library that is not installed is skipped.
     """
-    import http.client
-
     rows: list[tuple[str, float, float]] = []
     with bench.link(rate=1e9, block_size=1 << 20) as link:
         device = link.device_of(link.a)
@@ -355,7 +349,7 @@ def drain(bench: Bench, seconds: float, rate: float, block_size: int, shape: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kme.qkdsim.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lab.qkdsim.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="short smoke run (2 s per concurrency, 10 s drain)")

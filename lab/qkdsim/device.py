@@ -24,9 +24,9 @@ from urllib.parse import parse_qs, unquote
 from kme import etsi014
 from kme.config import QkdLink
 from kme.errors import ErrorCode, KmstnError
-from kme.qkdsim.config import HEALTH_PATH
-from kme.qkdsim.httpserver import Request, Response
-from kme.qkdsim.store import End, KeyStream
+from lab.qkdsim.config import HEALTH_PATH
+from lab.qkdsim.httpserver import Request, Response
+from lab.qkdsim.store import End, KeyStream
 
 __all__ = ["OUTAGE_DETAIL", "DeviceKme"]
 

@@ -1,4 +1,4 @@
-"""``python -m kme.qkdsim --config sim.toml``: one emulated QKD device pair."""
+"""``python -m lab.qkdsim --config sim.toml``: one emulated QKD device pair."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 
 from kme import log as kmelog
 from kme.config import load_or_exit
-from kme.qkdsim.config import SimConfig, load_sim_config, server_context
-from kme.qkdsim.device import DeviceKme
-from kme.qkdsim.httpserver import HttpsListener
-from kme.qkdsim.store import End, KeyStream
+from lab.qkdsim.config import SimConfig, load_sim_config, server_context
+from lab.qkdsim.device import DeviceKme
+from lab.qkdsim.httpserver import HttpsListener
+from lab.qkdsim.store import End, KeyStream
 
 __all__ = ["main"]
 

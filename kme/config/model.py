@@ -1,0 +1,295 @@
+"""The configuration model: frozen dataclasses for the topology and the node file.
+
+Each field's default is written here and only here: the readers
+(``kme.config.topology``, ``kme.config.node``) take a missing key's value
+from the dataclass it fills (see ``kme.config.reader.Table``). The Literal
+types below are the closed sets a file may choose from; their tuples are what
+the readers check against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal, get_args
+
+from kme.errors import ErrorCode, KmstnError
+from kme.types import NodeId, SaeId
+
+__all__ = [
+    "DELIVERY_MODES",
+    "KMSTN_KINDS",
+    "LOG_LEVELS",
+    "TPM_MODES",
+    "DeliveryMode",
+    "DeviceEndpoint",
+    "Endpoint",
+    "GatewaySettings",
+    "KeyvaultSettings",
+    "Kmstn",
+    "KmstnKind",
+    "Link",
+    "LinkKindName",
+    "LogLevel",
+    "NodeConfig",
+    "Outage",
+    "QkdDeviceAccess",
+    "QkdLink",
+    "QkdSimSettings",
+    "RelaySettings",
+    "TlsFiles",
+    "Topology",
+    "TpmMode",
+]
+
+LinkKindName = Literal["qkd", "pqc", "site"]
+KmstnKind = Literal["kmstn", "foreign"]
+DeliveryMode = Literal["confirmed", "concurrent"]
+TpmMode = Literal["auto", "device", "swtpm", "file", "stdin"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+KMSTN_KINDS: Final[tuple[KmstnKind, ...]] = get_args(KmstnKind)
+DELIVERY_MODES: Final[tuple[DeliveryMode, ...]] = get_args(DeliveryMode)
+TPM_MODES: Final[tuple[TpmMode, ...]] = get_args(TpmMode)
+LOG_LEVELS: Final[tuple[LogLevel, ...]] = get_args(LogLevel)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+@dataclass(frozen=True, slots=True)
+class Kmstn:
+    """One node of the federation: ours ("kmstn") or a foreign KMS."""
+
+    id: NodeId
+    host: str
+    etsi014_port: int
+    etsi020_port: int
+    relay_port: int  # 0 for a foreign KMS (it runs no kmstn relay)
+    kind: KmstnKind
+
+    @property
+    def etsi014_url(self) -> str:
+        return f"https://{_url_host(self.host)}:{self.etsi014_port}"
+
+    @property
+    def etsi020_url(self) -> str:
+        return f"https://{_url_host(self.host)}:{self.etsi020_port}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEndpoint:
+    """The vendor KME of a QKD device beside one end of a QKD link."""
+
+    host: str
+    port: int
+    kme_id: str
+    # The identity the KMSTN presents to this device (the SAE ID in its
+    # client certificate, as far as the device is concerned).
+    sae_id: SaeId
+
+    @property
+    def url(self) -> str:
+        return f"https://{_url_host(self.host)}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Outage:
+    """A window, in seconds from emulator start, during which a device answers 503."""
+
+    start_s: float
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class QkdSimSettings:
+    """How the emulator (lab.qkdsim) behaves for one link; ignored by real devices."""
+
+    rate_multiplier: float = 1.0
+    seed: int | None = None
+    outages: tuple[Outage, ...] = ()
+    # Keys issued at one end and not fetched at the other are forgotten after this.
+    issued_ttl_s: float = 600.0
+    # Shape k of the gamma-distributed time between key blocks: 1 gives
+    # exponential gaps (Poisson arrivals); larger k gives more regular blocks.
+    arrival_shape: float = 1.0
+    # Keys of key_size already in the store when the emulator starts.
+    initial_keys: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """An edge of the federation graph."""
+
+    id: str
+    kind: LinkKindName
+    a: NodeId
+    b: NodeId
+    cost: float
+
+    def other(self, node: NodeId) -> NodeId:
+        if node == self.a:
+            return self.b
+        if node == self.b:
+            return self.a
+        raise ValueError(f"{node} is not an end of link {self.id}")
+
+
+@dataclass(frozen=True, slots=True)
+class QkdLink(Link):
+    """A QKD link: two devices (Alice beside ``a``, Bob beside ``b``) sharing keys."""
+
+    # A topology file must give these two (see kme.config.topology); the
+    # zeros only let code build a link by hand, as the routing tests do.
+    secret_key_rate: float = 0.0  # bits per second
+    block_size: int = 0  # bits per block of key material
+    key_size: int = 256  # default key size in bits (ETSI 014 Status key_size)
+    min_key_size: int = 64
+    max_key_size: int = 1024
+    max_key_count: int = 100_000
+    max_key_per_request: int = 128
+    alice: DeviceEndpoint | None = None
+    bob: DeviceEndpoint | None = None
+    sim: QkdSimSettings = field(default_factory=QkdSimSettings)
+
+    def device_of(self, node: NodeId) -> DeviceEndpoint:
+        """The device beside ``node`` (Alice for ``a``, Bob for ``b``)."""
+        end = self.alice if node == self.a else self.bob if node == self.b else None
+        if end is None:
+            raise ValueError(f"{node} is not an end of link {self.id}")
+        return end
+
+    def peer_device_of(self, node: NodeId) -> DeviceEndpoint:
+        return self.device_of(self.other(node))
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """The federation as configured; immutable once loaded."""
+
+    source: Path
+    name: str
+    key_size: int
+    kmstns: Mapping[NodeId, Kmstn]
+    links: tuple[Link, ...]
+    saes: Mapping[SaeId, NodeId]
+
+    @property
+    def qkd_links(self) -> tuple[QkdLink, ...]:
+        return tuple(link for link in self.links if isinstance(link, QkdLink))
+
+    def link(self, link_id: str) -> Link:
+        for link in self.links:
+            if link.id == link_id:
+                return link
+        raise KmstnError(ErrorCode.UNKNOWN_NODE, f"unknown link {link_id!r}")
+
+    def links_of(self, node: NodeId) -> Iterator[Link]:
+        return (link for link in self.links if node in (link.a, link.b))
+
+    def node_of_sae(self, sae: str) -> NodeId:
+        try:
+            return self.saes[SaeId(sae)]
+        except KeyError:
+            raise KmstnError(ErrorCode.UNKNOWN_SAE, f"unknown SAE {sae!r}") from None
+
+    def saes_of(self, node: NodeId) -> tuple[SaeId, ...]:
+        return tuple(s for s, n in self.saes.items() if n == node)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where an internal gRPC service listens: a unix socket or TCP with mTLS."""
+
+    scheme: Literal["unix", "tcp"]
+    address: str  # socket path, or host:port
+
+    @property
+    def grpc_target(self) -> str:
+        return f"unix:{self.address}" if self.scheme == "unix" else self.address
+
+    def __str__(self) -> str:
+        return f"{self.scheme}:{self.address}" if self.scheme == "unix" else f"tcp://{self.address}"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    # "confirmed": the master gets keys once every destination acknowledged
+    # storing them (ETSI 020 flow). "concurrent": the paper's mode, deliver
+    # at once and relay in parallel.
+    delivery: DeliveryMode = "confirmed"
+    # In concurrent mode, how long dec_keys waits for a key still in flight.
+    inflight_wait_ms: int = 2000
+    relay_timeout_ms: int = 10_000
+    workers: int = 1
+    threads: int = 32
+
+
+@dataclass(frozen=True, slots=True)
+class KeyvaultSettings:
+    # How the database key is protected: "auto" tries the hardware TPM
+    # (tpm_device), then swtpm, then refuses; "file" and "stdin" read it.
+    tpm: TpmMode = "auto"
+    tpm_device: Path = Path("/dev/tpmrm0")
+    key_file: Path | None = None
+    key_ttl_s: int = 86_400
+    tombstone_ttl_s: int = 30 * 86_400
+    # Optional secret (a file) that authorises the TPM to unseal the database
+    # key; with none, the sealed object has an empty auth value.
+    tpm_auth_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    kem_pool_size: int = 64
+    session_ttl_s: int = 300
+    timeout_ms: int = 10_000
+    # QKD hop keys taken ahead and announced to each QKD neighbour (0: take
+    # them per message). Each is 256 bits of the link's key.
+    qkd_reserve: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class QkdDeviceAccess:
+    """Credentials this node uses toward its device on one QKD link."""
+
+    link: str
+    tls: TlsFiles
+    timeout_ms: int = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    source: Path
+    node: Kmstn
+    topology: Topology
+    data_dir: Path
+    tls: TlsFiles
+    keyvault_endpoint: Endpoint
+    routing_endpoint: Endpoint
+    relay_endpoint: Endpoint
+    log_level: str
+    gateway: GatewaySettings
+    keyvault: KeyvaultSettings
+    relay: RelaySettings
+    qkd_devices: Mapping[str, QkdDeviceAccess]
+
+    @property
+    def node_id(self) -> NodeId:
+        return self.node.id
+
+    def endpoint(self, service: Literal["keyvault", "routing", "relay"]) -> Endpoint:
+        return {
+            "keyvault": self.keyvault_endpoint,
+            "routing": self.routing_endpoint,
+            "relay": self.relay_endpoint,
+        }[service]

@@ -1,0 +1,176 @@
+"""The node file: which node this process is, where its data and certificates are,
+and how its services are reached; and the start of every process (:func:`load_or_exit`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from kme.config.model import (
+    DELIVERY_MODES,
+    LOG_LEVELS,
+    TPM_MODES,
+    Endpoint,
+    GatewaySettings,
+    KeyvaultSettings,
+    NodeConfig,
+    QkdDeviceAccess,
+    RelaySettings,
+    TlsFiles,
+)
+from kme.config.reader import EX_CONFIG, ConfigError, Table, read_toml
+from kme.config.topology import load_topology
+from kme.types import NodeId
+
+__all__ = ["load_node_config", "load_or_exit"]
+
+
+class _Sourced(Protocol):
+    @property
+    def source(self) -> Path: ...
+
+
+_C = TypeVar("_C", bound=_Sourced)
+
+
+def load_or_exit(prog: str, load: Callable[[Path], _C], path: Path, check_only: bool) -> _C:
+    """A process's start: its configuration, or exit 78 naming file and field.
+
+    With ``check_only`` (``--check-config``) it says the file is valid and
+    exits 0 without starting anything.
+    """
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        print(f"{prog}: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
+    if check_only:
+        print(f"{prog}: {config.source}: configuration is valid")
+        raise SystemExit(0)
+    return config
+
+
+def _endpoint(t: Table, key: str, default: Path) -> Endpoint:
+    value = t.text(key, f"unix:{default}")
+    if value.startswith("unix:"):
+        p = Path(value[5:]).expanduser()
+        if not p.is_absolute():
+            p = (t.file.parent / p).resolve()
+        if len(str(p)) > 100:
+            raise t.error(key, f"unix socket path longer than 100 characters: {p}")
+        return Endpoint("unix", str(p))
+    if value.startswith("tcp://"):
+        hostport = value[6:]
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise t.error(key, f"must be unix:PATH or tcp://HOST:PORT, got {value!r}")
+        return Endpoint("tcp", hostport)
+    raise t.error(key, f"must be unix:PATH or tcp://HOST:PORT, got {value!r}")
+
+
+def load_node_config(path: str | Path) -> NodeConfig:
+    """Read and validate a node file and the topology it names."""
+    file = Path(path).resolve()
+    root = Table(file, read_toml(file))
+
+    topo_path = root.path("topology", must_exist=True)
+    topology = load_topology(topo_path)
+    nid = root.text("node")
+    if nid not in topology.kmstns:
+        raise root.error("node", f"KMSTN {nid!r} is not in the topology {topo_path}")
+    node = topology.kmstns[NodeId(nid)]
+    if node.kind != "kmstn":
+        raise root.error("node", f"{nid!r} is a foreign KMS in the topology, not a kmstn node")
+    data_dir = root.path("data_dir")
+
+    t = root.table("tls")
+    tls = TlsFiles(t.path("ca", must_exist=True), t.path("cert", must_exist=True),
+                   t.path("key", must_exist=True))
+    t.close()
+
+    s = root.table("services")
+    run = data_dir / "run"
+    endpoints = {name: _endpoint(s, name, run / f"{name}.sock")
+                 for name in ("keyvault", "routing", "relay")}
+    s.close()
+
+    lg = root.table("log")
+    level = lg.choice("level", LOG_LEVELS, "info")
+    lg.close()
+
+    gateway = _read_gateway(root.table("gateway", GatewaySettings))
+    keyvault = _read_keyvault(root.table("keyvault", KeyvaultSettings))
+    relay = _read_relay(root.table("relay", RelaySettings))
+
+    my_links = {link.id: link for link in topology.links_of(node.id) if link.kind == "qkd"}
+    devices: dict[str, QkdDeviceAccess] = {}
+    for d in root.tables("qkd_device", QkdDeviceAccess):
+        lid = d.text("link")
+        if lid not in my_links:
+            raise d.error("link", f"{lid!r} is not a QKD link of {nid}")
+        if lid in devices:
+            raise d.error("link", f"duplicate device entry for link {lid!r}")
+        devices[lid] = QkdDeviceAccess(
+            link=lid,
+            tls=TlsFiles(d.path("ca", tls.ca, must_exist=True),
+                         d.path("cert", tls.cert, must_exist=True),
+                         d.path("key", tls.key, must_exist=True)),
+            timeout_ms=d.integer("timeout_ms", lo=10, hi=120_000),
+        )
+        d.close()
+    # A QKD link with no explicit entry reaches its device with the node's own
+    # certificate: the common case in labs and in the demo.
+    for lid in my_links:
+        devices.setdefault(lid, QkdDeviceAccess(link=lid, tls=tls))
+    root.close()
+
+    return NodeConfig(
+        source=file, node=node, topology=topology, data_dir=data_dir, tls=tls,
+        keyvault_endpoint=endpoints["keyvault"], routing_endpoint=endpoints["routing"],
+        relay_endpoint=endpoints["relay"], log_level=level, gateway=gateway,
+        keyvault=keyvault, relay=relay, qkd_devices=devices,
+    )
+
+
+def _read_gateway(g: Table) -> GatewaySettings:
+    gateway = GatewaySettings(
+        delivery=g.choice("delivery", DELIVERY_MODES),
+        inflight_wait_ms=g.integer("inflight_wait_ms", lo=0, hi=60_000),
+        relay_timeout_ms=g.integer("relay_timeout_ms", lo=100, hi=600_000),
+        workers=g.integer("workers", lo=1, hi=64),
+        threads=g.integer("threads", lo=1, hi=1024),
+    )
+    g.close()
+    return gateway
+
+
+def _read_keyvault(k: Table) -> KeyvaultSettings:
+    tpm = k.choice("tpm", TPM_MODES)
+    key_file = k.optional_path("key_file", must_exist=tpm == "file")
+    if tpm == "file" and key_file is None:
+        raise k.error("key_file", 'is required when tpm = "file"')
+    keyvault = KeyvaultSettings(
+        tpm=tpm,
+        # A device node, taken as written (not relative to the file).
+        tpm_device=k.path("tpm_device", resolve=False),
+        key_file=key_file,
+        key_ttl_s=k.integer("key_ttl_s", lo=1),
+        tombstone_ttl_s=k.integer("tombstone_ttl_s", lo=1),
+        tpm_auth_file=k.optional_path("tpm_auth_file", must_exist=True),
+    )
+    k.close()
+    return keyvault
+
+
+def _read_relay(r: Table) -> RelaySettings:
+    relay = RelaySettings(
+        kem_pool_size=r.integer("kem_pool_size", lo=1, hi=4096),
+        session_ttl_s=r.integer("session_ttl_s", lo=1, hi=86_400),
+        timeout_ms=r.integer("timeout_ms", lo=100, hi=600_000),
+        qkd_reserve=r.integer("qkd_reserve", lo=0, hi=128),
+    )
+    r.close()
+    return relay
