@@ -28,6 +28,7 @@ from kme.errors import ErrorCode, KmstnError
 from kme.types import NodeId, SaeId, node_id, sae_id
 
 __all__ = [
+    "DEFAULT_METRICS_PORTS",
     "EX_CONFIG",
     "ConfigError",
     "DeviceEndpoint",
@@ -36,6 +37,7 @@ __all__ = [
     "KeyvaultSettings",
     "Kmstn",
     "Link",
+    "MetricsSettings",
     "NodeConfig",
     "Outage",
     "QkdDeviceAccess",
@@ -52,6 +54,13 @@ __all__ = [
 EX_CONFIG: Final = 78  # sysexits.h: configuration error
 
 LinkKindName = Literal["qkd", "pqc", "site"]
+MetricsService = Literal["routing", "keyvault", "relay", "etsi014", "etsi020"]
+
+# Where each process of a node serves its Prometheus metrics by default: one
+# port per process, on the node's own address, apart from the ETSI and relay
+# ports (written here once; the node file's [metrics] table overrides them).
+DEFAULT_METRICS_PORTS: Final[Mapping[str, int]] = {
+    "routing": 9461, "keyvault": 9462, "relay": 9463, "etsi014": 9464, "etsi020": 9465}
 
 
 class ConfigError(KmstnError):
@@ -271,6 +280,23 @@ class RelaySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """The Prometheus listeners of a node's processes (kme.metrics)."""
+
+    enabled: bool = True
+    # Default: the node's own address from the topology.
+    host: str = ""
+    # Port per process; 0 takes an ephemeral port (tests, labs), which the
+    # process logs ("metrics listening").
+    ports: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_METRICS_PORTS))
+    # How often the relay asks its QKD devices for their status (0: never).
+    device_poll_s: float = 2.0
+
+    def port(self, service: MetricsService) -> int:
+        return self.ports[service]
+
+
+@dataclass(frozen=True, slots=True)
 class QkdDeviceAccess:
     """Credentials this node uses toward its device on one QKD link."""
 
@@ -294,6 +320,11 @@ class NodeConfig:
     keyvault: KeyvaultSettings
     relay: RelaySettings
     qkd_devices: Mapping[str, QkdDeviceAccess]
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+
+    @property
+    def metrics_host(self) -> str:
+        return self.metrics.host or self.node.host
 
     @property
     def node_id(self) -> NodeId:
@@ -739,6 +770,8 @@ def load_node_config(path: str | Path) -> NodeConfig:
     )
     r.close()
 
+    metrics = _metrics_settings(root.table("metrics"), node)
+
     my_links = {link.id: link for link in topology.links_of(node.id) if link.kind == "qkd"}
     devices: dict[str, QkdDeviceAccess] = {}
     for d in root.tables("qkd_device"):
@@ -765,5 +798,28 @@ def load_node_config(path: str | Path) -> NodeConfig:
         source=file, node=node, topology=topology, data_dir=data_dir, tls=tls,
         keyvault_endpoint=endpoints["keyvault"], routing_endpoint=endpoints["routing"],
         relay_endpoint=endpoints["relay"], log_level=level, gateway=gateway,
-        keyvault=keyvault, relay=relay, qkd_devices=devices,
+        keyvault=keyvault, relay=relay, qkd_devices=devices, metrics=metrics,
     )
+
+
+def _metrics_settings(m: _Table, node: Kmstn) -> MetricsSettings:
+    enabled = m._raw("enabled", True)
+    if not isinstance(enabled, bool):
+        raise m.error("enabled", f"must be a boolean, got {_type_name(enabled)}")
+    host = _host(m, "host", "")
+    ports: dict[str, int] = {}
+    taken = {node.etsi014_port: "etsi014_port", node.etsi020_port: "etsi020_port",
+             node.relay_port: "relay_port"}
+    for service, default in DEFAULT_METRICS_PORTS.items():
+        key = f"{service}_port"
+        port = m.integer(key, default, lo=0, hi=65535)
+        if port and (not host or host == node.host) and port in taken:
+            raise m.error(key, f"{port} is this node's {taken[port]} in the topology; "
+                               "metrics need a port of their own")
+        if port and port in ports.values():
+            other = next(s for s, p in ports.items() if p == port)
+            raise m.error(key, f"{port} is already metrics.{other}_port")
+        ports[service] = port
+    poll = m.number("device_poll_s", 2.0, nonnegative=True)
+    m.close()
+    return MetricsSettings(enabled=enabled, host=host, ports=ports, device_poll_s=poll)

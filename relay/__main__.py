@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from kme import metrics
 from kme.config import NodeConfig
 from kme.qkd import QkdDevices
 from kme.rpc.v1 import relay_pb2, relay_pb2_grpc
@@ -52,6 +53,11 @@ def build(rt: Runtime) -> None:
     rt.on_stop(forwarder.close)
     if devices is not None:
         rt.on_stop(devices.close)
+        # Device pool level and measured key rate per QKD link, for the metrics.
+        poller = metrics.DevicePoller([devices.for_link(lid) for lid in devices.links],
+                                      config.metrics.device_poll_s, rt.log)
+        poller.start()
+        rt.on_stop(poller.stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
