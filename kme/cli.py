@@ -10,7 +10,9 @@
     kmstn federation up|status|down|restart --state DIR [--topology FILE]
     kmstn sae get-key --state DIR --sae SAE --slave SLAVE [--number N] [--size BITS]
     kmstn sae get-key-with-ids --state DIR --sae SAE --master MASTER KEY_ID...
-    kmstn bench keyrate|delay|concurrency|resources --state DIR
+    kmstn bench keyrate|delay|concurrency|resources|all --state DIR
+    kmstn dashboard --state DIR [--port 8090]    a live picture of a lab federation
+    kmstn trace --state DIR KEY_ID               one key's path through a lab's logs
 
 Exit codes: 0 success, 1 a service refused the request or a federation
 failed, 78 bad configuration.
@@ -164,6 +166,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args.bench_command, Path(args.state), args)
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lab.dashboard import serve
+
+    return serve(Path(args.state), args.host, args.port)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lab.logs import trace_key
+
+    lines = trace_key(Path(args.state) / "logs", args.key_id)
+    for line in lines:
+        r = line.record
+        extra = {k: v for k, v in r.items()
+                 if k not in ("ts", "level", "service", "node", "msg", "request_id")}
+        print(f"{r.get('ts', '')}  {r.get('node', '?'):<8} {r.get('service', '?'):<16} "
+              f"{r.get('request_id', '-')!s:<36}  {r.get('msg', '')}  "
+              f"{json.dumps(extra, separators=(',', ':'))}")
+    if not lines:
+        print(f"no log line of {args.state} names key {args.key_id}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kmstn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pairs", help="comma-separated MASTER:SLAVE SAE pairs")
         p.add_argument("--rounds", type=int, default=5)
         p.set_defaults(func=cmd_bench)
+
+    dash = sub.add_parser("dashboard", help="serve a live picture of a lab federation")
+    dash.add_argument("--state", required=True)
+    dash.add_argument("--host", default="127.0.0.1")
+    dash.add_argument("--port", type=int, default=8090)
+    dash.set_defaults(func=cmd_dashboard)
+
+    trace = sub.add_parser("trace", help="print one key ID's path from a lab federation's logs")
+    trace.add_argument("--state", required=True)
+    trace.add_argument("key_id")
+    trace.set_defaults(func=cmd_trace)
     return parser
 
 

@@ -53,6 +53,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
@@ -97,6 +98,9 @@ __all__ = [
 # One registry per process. The process collector adds CPU seconds, memory
 # and open file descriptors of this process (process_*), which the resource
 # benchmark otherwise reads from /proc.
+# No *_created samples: they double the text of every counter, and Prometheus
+# itself needs none of them.
+disable_created_metrics()
 REGISTRY: Final = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
 
