@@ -100,7 +100,7 @@ __all__ = [
 # benchmark otherwise reads from /proc.
 # No *_created samples: they double the text of every counter, and Prometheus
 # itself needs none of them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 REGISTRY: Final = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
 

@@ -28,7 +28,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 class Browser:
     def __init__(self, url: str, width: int = 1440, height: int = 640) -> None:
         self._profile = Path(tempfile.mkdtemp(prefix="kmstn-chromium-"))
-        self._proc = subprocess.Popen(  # noqa: S603 - a fixed binary and our own flags
+        self._proc = subprocess.Popen(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--disable-background-networking", "--disable-component-update",
              "--disable-sync", "--disable-default-apps", "--disable-extensions",
