@@ -95,7 +95,8 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     client gets (ErrorInterceptor, inside it, has already turned a
     KmstnError into its gRPC status). The request ID comes from the
     ``x-request-id`` metadata that kme.channels.call sends. Streaming calls
-    (Routing.Watch) get the log context only: their length says nothing.
+    (Routing.Watch, opened once by each gateway's replica) pass untouched:
+    they belong to no request, and their length says nothing.
     """
 
     def intercept_service(
@@ -104,27 +105,14 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
-        if handler is None or (handler.unary_unary is None and handler.unary_stream is None):
+        if handler is None or handler.unary_unary is None:
             return handler
+        inner = handler.unary_unary
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
         request_id: str | None = None
         for key, value in handler_call_details.invocation_metadata or ():
             if key == kmelog.REQUEST_ID_METADATA_KEY:
                 request_id = kmelog.adopt_request_id(value)
-
-        if handler.unary_stream is not None:
-            stream = handler.unary_stream
-
-            def streaming(request: Any, context: grpc.ServicerContext) -> Any:
-                with kmelog.log_context(request_id=request_id):
-                    yield from stream(request, context)
-
-            return grpc.unary_stream_rpc_method_handler(
-                streaming, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-
-        inner = handler.unary_unary
-        assert inner is not None  # noqa: S101 - checked above, for mypy
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()

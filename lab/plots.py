@@ -37,7 +37,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["figures", "rolling"]
+__all__ = ["figures", "main", "rolling"]
 
 DPI = 110
 FAIL = "#d62728"
@@ -69,7 +69,8 @@ def _grid(n: int, cols: int = 3, size: tuple[float, float] = (4.6, 3.2)) -> tupl
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
+    # Leave room for a figure title above the panels' own titles.
+    fig.tight_layout(rect=(0, 0, 1, 0.96) if fig.get_suptitle() else None)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
@@ -146,7 +147,7 @@ def _concurrency(samples: Mapping[str, Any], meta: Mapping[str, Any], out: Path)
     ax.set_xlabel("time the request was sent, since the first round (s)")
     ax.set_ylabel("latency (ms)")
     ax.set_title(f"{samples['pair']}: {samples['concurrency']} simultaneous enc_keys per round, "
-                 f"{samples['rounds']} rounds (paper Fig. 7); {_setup(meta)}")
+                 f"{samples['rounds']} rounds (paper Fig. 7)\n{_setup(meta)}")
     ax.legend()
     return _save(fig, out / "concurrency.png")
 
@@ -155,9 +156,11 @@ def _correlation(rows: Sequence[Mapping[str, Any]], samples: Mapping[str, Any],
                  meta: Mapping[str, Any], out: Path) -> Path | None:
     """The variables the keyrate run has, per pair (the paper varied concurrency and
     the number of keys too; a run that does not vary them cannot correlate them)."""
-    table: dict[str, list[float]] = {
-        "hops": [], "QKD hops": [], "rate QKD allows": [], "mean keyrate": [],
-        "p95 keyrate": [], "keyrate std": [], "latency p50": [], "latency p95": []}
+    names = {"hops": "hops", "qkd": "QKD hops", "allowed": "rate QKD allows (bit/s)",
+             "mean": "mean keyrate (bit/s)", "p95": "p95 keyrate (bit/s)",
+             "std": "keyrate std (bit/s)", "lat50": "latency p50 (ms)",
+             "lat95": "latency p95 (ms)"}
+    table: dict[str, list[float]] = {k: [] for k in names}
     for row in rows:
         s = samples.get(row["pair"])
         if not s or len(s["rates_bps"]) < 2:
@@ -165,24 +168,25 @@ def _correlation(rows: Sequence[Mapping[str, Any]], samples: Mapping[str, Any],
         rates, lat = s["rates_bps"], s["latency_ms"]
         q = statistics.quantiles
         table["hops"].append(row["hops"])
-        table["QKD hops"].append(str(row["path"]).split("-").count("qkd"))
-        table["rate QKD allows"].append(row["allowed_bps"])
-        table["mean keyrate"].append(row["rate_mean_bps"])
-        table["p95 keyrate"].append(q(rates, n=20, method="inclusive")[18])
-        table["keyrate std"].append(row["rate_std_bps"])
-        table["latency p50"].append(statistics.median(lat))
-        table["latency p95"].append(q(lat, n=20, method="inclusive")[18])
-    names = [k for k, v in table.items()
-             if len(v) >= 3 and all(math.isfinite(x) for x in v) and len(set(v)) > 1]
-    if len(names) < 2:
+        table["qkd"].append(str(row["path"]).split("-").count("qkd"))
+        table["allowed"].append(row["allowed_bps"])
+        table["mean"].append(row["rate_mean_bps"])
+        table["p95"].append(q(rates, n=20, method="inclusive")[18])
+        table["std"].append(row["rate_std_bps"])
+        table["lat50"].append(statistics.median(lat))
+        table["lat95"].append(q(lat, n=20, method="inclusive")[18])
+    keys = [k for k, v in table.items()
+            if len(v) >= 3 and all(math.isfinite(x) for x in v) and len(set(v)) > 1]
+    if len(keys) < 2:
         return None
-    corr = np.corrcoef(np.array([table[k] for k in names]))
-    fig, ax = plt.subplots(figsize=(7.6, 6.4))
+    corr = np.corrcoef(np.array([table[k] for k in keys]))
+    labels = [names[k] for k in keys]
+    fig, ax = plt.subplots(figsize=(8.4, 7.0))
     im = ax.imshow(corr, vmin=-1, vmax=1, cmap="RdBu_r")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    for i in range(len(names)):
-        for j in range(len(names)):
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
             ax.text(j, i, f"{corr[i, j]:.2f}", ha="center", va="center", fontsize=8,
                     color="white" if abs(corr[i, j]) > 0.6 else "black")
     fig.colorbar(im, ax=ax, label="Pearson correlation (unitless)")
@@ -205,3 +209,24 @@ def figures(name: str, rows: Sequence[Mapping[str, Any]], samples: Any,
     if name == "concurrency":
         return [_concurrency(samples, meta, out)]
     return []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lab.plots DIR``: draw the figures again from DIR's <name>.json files."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m lab.plots")
+    parser.add_argument("dir", type=Path)
+    args = parser.parse_args(argv)
+    for name in ("keyrate", "delay", "concurrency"):
+        path = args.dir / f"{name}.json"
+        if path.exists():
+            doc = json.loads(path.read_text())
+            for png in figures(name, doc["rows"], doc.get("samples"), doc, args.dir):
+                print(png)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
