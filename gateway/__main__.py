@@ -16,7 +16,12 @@ from kme.config import NodeConfig, load_node_config, load_or_exit
 def _app(api: str, config: NodeConfig) -> Any:
     from gateway.app import create_app
     from gateway.deps import build_edge
+    from kme.server import start_metrics
 
+    # In the process that serves requests (each Gunicorn worker, after the
+    # fork): the registry is per process, so each worker has its own port.
+    start_metrics(config, api, logging.getLogger(f"kmstn.gateway-{api}"),
+                  tries=config.gateway.workers if api == "etsi014" else 1)
     return create_app(api, config, build_edge(config, api))  # type: ignore[arg-type]
 
 

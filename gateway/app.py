@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from importlib import resources
@@ -15,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 from gateway.deps import Edge
 from gateway.errors import etsi014_error, etsi020_problem
 from kme import log as kmelog
+from kme import metrics as kmetrics
 from kme.config import NodeConfig
 from kme.errors import ErrorCode, KmstnError
 
@@ -70,7 +72,11 @@ def create_app(api: Api, config: NodeConfig, edge: Edge) -> Flask:
 
     @app.before_request
     def start() -> None:
-        g.request_id = request.headers.get("X-Request-ID", "")[:64] or str(uuid.uuid4())
+        g.started = time.perf_counter()
+        # A caller's (or upstream neighbour's) ID is kept, so one key's path
+        # through the federation shares one ID in every node's logs.
+        g.request_id = (kmelog.adopt_request_id(request.headers.get(kmelog.REQUEST_ID_HEADER))
+                        or str(uuid.uuid4()))
         g.log_context = kmelog.log_context(request_id=g.request_id, api=api)
         g.log_context.__enter__()
 
@@ -84,6 +90,16 @@ def create_app(api: Api, config: NodeConfig, edge: Edge) -> Flask:
     def stamp(resp: Response) -> Response:
         resp.headers["X-Request-ID"] = g.get("request_id", "")
         resp.headers["Cache-Control"] = "no-store"  # responses may carry key material
+        if "started" in g:
+            # The endpoint's name, never the path: paths carry SAE IDs and key IDs.
+            operation = (request.endpoint or "unmatched").rpartition(".")[2]
+            seconds = time.perf_counter() - g.started
+            kmetrics.observe_http_request(api, operation, resp.status_code, seconds)
+            # One line per request: with the request ID it ties this listener's
+            # part of a key's path to the relay's (kmstn trace).
+            log.info("request served", extra={"operation": operation,
+                                              "http_status": resp.status_code,
+                                              "ms": round(seconds * 1000, 2)})
         return resp
 
     @app.errorhandler(KmstnError)

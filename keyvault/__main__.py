@@ -24,6 +24,7 @@ from keyvault.records import RecordCipher, derive_db_key
 from keyvault.sealing import DB_FILE, obtain_root_secret
 from keyvault.service import KeyVaultService
 from keyvault.store import Sweeper, Vault
+from kme import metrics
 from kme.errors import ErrorCode, KmstnError
 from kme.rpc.v1 import keyvault_pb2, keyvault_pb2_grpc
 from kme.server import Runtime, run_service
@@ -81,6 +82,9 @@ def build(rt: Runtime) -> None:
         "protection": root.protection, "new_vault": root.created,
         "unseal_ms": round(root.seconds * 1000, 2), "open_ms": round(opened * 1000, 2),
         "keys": total, "database": str(vault_dir / DB_FILE)})
+    # Rows and stock per SAE pair are read from the vault when scraped.
+    stock = metrics.register_keyvault_stock(vault.status, rt.log)
+    rt.on_stop(lambda: metrics.unregister(stock))
     keyvault_pb2_grpc.add_KeyVaultServicer_to_server(
         KeyVaultService(vault, rt.log, settings.key_ttl_s), rt.server)
     rt.serving(keyvault_pb2.DESCRIPTOR.services_by_name["KeyVault"].full_name)

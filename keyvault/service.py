@@ -19,6 +19,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from keyvault.store import MAX_WAIT_S, NewRecord, RecordInfo, Vault, VoidOutcome
+from kme import metrics
 from kme.errors import ErrorCode, KmstnError
 from kme.log import log_context
 from kme.rpc.v1 import common_pb2, keyvault_pb2, keyvault_pb2_grpc
@@ -168,6 +169,7 @@ class KeyVaultService(keyvault_pb2_grpc.KeyVaultServicer):
                    for i, k in enumerate(request.keys)]
         with log_context(request_id=self._request_id(context)):
             stored = self._vault.store(records)
+            metrics.count_keyvault_keys("stored", stored)
             self._log.debug("keys stored", extra={
                 "count": stored, "repeated": len(records) - stored,
                 "key_ids": [str(r.key.key_id) for r in records]})
@@ -195,7 +197,9 @@ class KeyVaultService(keyvault_pb2_grpc.KeyVaultServicer):
             return bool(context.is_active()) and (left is None or left > 0.01)
 
         with log_context(request_id=self._request_id(context), sae_id=sae):
-            keys = self._vault.take(sae, master, ids, wait_s, still_wanted)
+            with metrics.track_waiting_take(wait_s > 0):
+                keys = self._vault.take(sae, master, ids, wait_s, still_wanted)
+            metrics.count_keyvault_keys("taken", len(keys))
             self._log.info("keys taken", extra={"master_sae_id": master,
                                                 "key_ids": [str(k) for k in ids]})
         return keyvault_pb2.TakeResponse(keys=[
@@ -237,6 +241,7 @@ class KeyVaultService(keyvault_pb2_grpc.KeyVaultServicer):
                         for i, s in enumerate(request.target_sae_ids))
         with log_context(request_id=self._request_id(context)):
             outcome = self._vault.void(ids, initiator, targets, request.all_confirmation)
+            metrics.count_keyvault_keys("voided", len(outcome.voided))
             self._log.info("void", extra={
                 "initiator_sae_id": initiator, "target_sae_ids": list(targets),
                 "all": not ids, "voided": [str(k) for k in outcome.voided],

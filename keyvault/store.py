@@ -47,6 +47,7 @@ from typing import Any, Final
 import sqlcipher3
 
 from keyvault.records import RecordCipher, RecordIdentity
+from kme import metrics
 from kme.errors import ErrorCode, KmstnError
 from kme.types import Key, SecretBytes
 
@@ -681,6 +682,7 @@ class Sweeper:
                 self._log.exception("expiry sweep failed")
                 next_us = None
             if expired:
+                metrics.count_keyvault_keys("expired", len(expired))
                 self._log.info("keys expired", extra={
                     "count": len(expired), "key_ids": [str(k) for k in expired[:100]]})
             self._sleep(next_us)

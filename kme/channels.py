@@ -9,6 +9,7 @@ import grpc
 
 from kme.config import Endpoint, NodeConfig, TlsFiles
 from kme.errors import from_rpc_error
+from kme.log import request_id_metadata
 
 __all__ = ["call", "internal_channel", "mtls_channel"]
 
@@ -65,8 +66,12 @@ def call(method: Callable[..., _Resp], request: object, timeout: float, *,
     reconnecting: a service of this node that restarts costs a short wait,
     not a failed request. Calls to neighbours pass ``wait_for_ready=False``
     and fail at once when the neighbour cannot be reached.
+
+    The request ID of the request being handled travels along as metadata
+    (``x-request-id``); the server's interceptor puts it in its log context.
     """
     try:
-        return method(request, timeout=timeout, wait_for_ready=wait_for_ready)
+        return method(request, timeout=timeout, wait_for_ready=wait_for_ready,
+                      metadata=request_id_metadata())
     except grpc.RpcError as err:
         raise from_rpc_error(err) from None

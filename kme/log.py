@@ -22,7 +22,26 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-__all__ = ["JsonFormatter", "configure", "get_logger", "log_context"]
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "REQUEST_ID_METADATA_KEY",
+    "JsonFormatter",
+    "adopt_request_id",
+    "configure",
+    "current_request_id",
+    "get_logger",
+    "log_context",
+    "request_id_headers",
+    "request_id_metadata",
+]
+
+# The request ID made at the edge (or adopted from a caller) travels with the
+# request: as gRPC metadata between a node's services, as this HTTP header
+# on ETSI 014/020 requests and answers, and in the sealed envelope's header.
+REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID_METADATA_KEY = "x-request-id"
+_REQUEST_ID_MAX = 64
+_REQUEST_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._:")
 
 _context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
     "kmstn_log_context", default={}  # noqa: B039 - never mutated, always replaced
@@ -108,3 +127,34 @@ def log_context(**fields: Any) -> Iterator[None]:
         yield
     finally:
         _context.reset(token)
+
+
+def adopt_request_id(value: object) -> str | None:
+    """A request ID received from outside (header, metadata, envelope), or None.
+
+    It came from a client or a neighbour and goes into logs and on to other
+    nodes, so only short IDs of URL-safe characters are taken; anything else
+    is dropped (the caller then makes a fresh ID).
+    """
+    if not isinstance(value, str) or not 0 < len(value) <= _REQUEST_ID_MAX:
+        return None
+    return value if _REQUEST_ID_CHARS.issuperset(value) else None
+
+
+def current_request_id() -> str | None:
+    """The request ID of the request being handled in this context, if any."""
+    value = _context.get().get("request_id")
+    return value if isinstance(value, str) else None
+
+
+def request_id_metadata() -> tuple[tuple[str, str], ...]:
+    """gRPC metadata carrying the current request ID (empty if there is none)."""
+    rid = current_request_id()
+    return ((REQUEST_ID_METADATA_KEY, rid),) if rid else ()
+
+
+def request_id_headers() -> dict[str, str]:
+    """HTTP headers carrying the current request ID, for an ETSI 020 request to a
+    neighbour (its 020 listener adopts it, so the key's path shares one ID)."""
+    rid = current_request_id()
+    return {REQUEST_ID_HEADER: rid} if rid else {}

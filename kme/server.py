@@ -25,14 +25,17 @@ import signal
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kme import log as kmelog
+from kme import metrics as kmetrics
 from kme.config import (
     EX_CONFIG,
     ConfigError,
@@ -44,7 +47,8 @@ from kme.config import (
 )
 from kme.errors import ErrorCode, ErrorInterceptor, KmstnError
 
-__all__ = ["Runtime", "parse_args", "run_service", "server_credentials"]
+__all__ = ["ObservingInterceptor", "Runtime", "parse_args", "run_service", "server_credentials",
+           "start_metrics"]
 
 GRACE_SECONDS = 5.0
 SERVER_OPTIONS: list[tuple[str, int | str]] = [
@@ -84,6 +88,67 @@ def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
     )
 
 
+class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
+    """Per call: the caller's request ID in the log context, and the call's metrics.
+
+    Outermost on every server, so the status it records is the one the
+    client gets (ErrorInterceptor, inside it, has already turned a
+    KmstnError into its gRPC status). The request ID comes from the
+    ``x-request-id`` metadata that kme.channels.call sends. Streaming calls
+    (Routing.Watch, opened once by each gateway's replica) pass untouched:
+    they belong to no request, and their length says nothing.
+    """
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        request_id: str | None = None
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == kmelog.REQUEST_ID_METADATA_KEY:
+                request_id = kmelog.adopt_request_id(value)
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                with kmelog.log_context(request_id=request_id):
+                    response = inner(request, context)
+                status = context.code()  # type: ignore[attr-defined]
+                code = status.name if status is not None else "OK"
+                return response
+            except BaseException:
+                # context.abort() raises after setting the status.
+                status = context.code()  # type: ignore[attr-defined]
+                code = status.name if status is not None else "UNKNOWN"
+                raise
+            finally:
+                kmetrics.GRPC_HANDLED.labels(service, method, code).inc()
+                kmetrics.GRPC_HANDLING_SECONDS.labels(service, method).observe(
+                    time.perf_counter() - started)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+def start_metrics(config: NodeConfig, service: str, log: logging.Logger,
+                  tries: int = 1) -> kmetrics.MetricsServer | None:
+    """This process's metrics listener, as the node file's [metrics] says (or none)."""
+    settings = config.metrics
+    if not settings.enabled:
+        return None
+    port = settings.ports[service]
+    ports = [0] if port == 0 else list(range(port, port + tries))
+    return kmetrics.start_metrics_server(config.metrics_host, ports, log)
+
+
 class Runtime:
     """What a service's ``build`` callback gets: config, logger, servers, hooks."""
 
@@ -102,7 +167,7 @@ class Runtime:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers,
                                        thread_name_prefix=f"{self.name}-rpc"),
-            interceptors=[ErrorInterceptor(self.log)],
+            interceptors=[ObservingInterceptor(), ErrorInterceptor(self.log)],
             options=SERVER_OPTIONS,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -213,6 +278,9 @@ def run_service(
     try:
         build(runtime)
         address = runtime.bind_internal(config.endpoint(name))  # type: ignore[arg-type]
+        metrics = start_metrics(config, name, log)
+        if metrics is not None:
+            runtime.on_stop(metrics.close)
         runtime.start()
     except ConfigError as exc:
         log.error("configuration error", extra={"error": exc.public})

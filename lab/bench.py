@@ -7,7 +7,8 @@
     kmstn bench all         --state DIR
 
 Every command prints a table and writes ``<name>.csv`` and ``<name>.json``
-under ``--out`` (default ``DIR/bench``). All SAE traffic is real ETSI 014
+(with the raw samples) under ``--out`` (default ``DIR/bench``), and the PNG
+figures of the paper it reproduces (lab/plots.py). All SAE traffic is real ETSI 014
 over mutual TLS with keep-alive, through the federation's own gateways.
 
 keyrate (Table III): per ordered pair, back-to-back ``enc_keys`` of one
@@ -50,7 +51,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,8 @@ class Ctx:
     out: Path
     args: Any
     rate_scale: float
+    # Raw per-request measurements per benchmark, for the JSON and the figures.
+    samples: dict[str, Any] = field(default_factory=dict)
 
     def sae_node(self, sae: str) -> str:
         return str(next(s["kmstn"] for s in self.manifest["saes"] if s["id"] == sae))
@@ -279,6 +282,8 @@ def bench_keyrate(ctx: Ctx) -> list[dict[str, Any]]:
             rates.append(KEY_BITS / latency)
             lat.append(latency)
         wall = time.perf_counter() - start
+        ctx.samples.setdefault("keyrate", {})[f"{master}->{slave}"] = {
+            "rates_bps": rates, "latency_ms": [x * 1000 for x in lat]}
         gen1 = generated_bits(ctx)
         hops, kinds = route_summary(ctx, master, slave)
         allowed = allowed_rate(ctx.topology, ctx.sae_node(master), ctx.sae_node(slave),
@@ -329,10 +334,12 @@ def bench_delay(ctx: Ctx, requests: int | None = None) -> list[dict[str, Any]]:
     n = requests or ctx.args.requests
     for master, slave in _pairs(ctx, lambda: _delay_pairs(ctx)):
         m, s = ctx.client(master), ctx.client(slave)
-        enc, avail = [], []
+        enc, avail, sent = [], [], []
         deadline = time.monotonic() + 600
+        first = time.perf_counter()
         for _ in range(n):
             t0 = time.perf_counter()
+            sent.append(t0 - first)
             latency, _, body = _request_until_served(m, slave, KEY_BITS, deadline)
             enc.append(latency * 1000)
             key_id = body["keys"][0]["key_ID"]
@@ -344,6 +351,8 @@ def bench_delay(ctx: Ctx, requests: int | None = None) -> list[dict[str, Any]]:
                     raise RuntimeError(f"dec_keys {slave}: {status} {got}")
                 time.sleep(0.001)
             avail.append((time.perf_counter() - t0) * 1000)
+        ctx.samples.setdefault("delay", {})[f"{master}->{slave}"] = {
+            "t_s": sent, "enc_keys_ms": enc, "enc_to_available_ms": avail}
         hops, kinds = route_summary(ctx, master, slave)
         for what, values in (("enc_keys", enc), ("enc-to-available", avail)):
             rows.append({"pair": f"{master}->{slave}", "hops": hops, "path": kinds,
@@ -370,18 +379,24 @@ def bench_concurrency(ctx: Ctx) -> list[dict[str, Any]]:
     for c in clients:  # open every connection before the burst
         c.status(slave)
     rows = []
+    first = time.perf_counter()
+    raw = ctx.samples["concurrency"] = {"pair": f"{master}->{slave}", "concurrency": n,
+                                        "rounds": ctx.args.rounds, "requests": []}
     for round_no in range(1, ctx.args.rounds + 1):
         barrier = threading.Barrier(n)
         results: list[tuple[int, float]] = [(0, 0.0)] * n
 
         def one(i: int, barrier: threading.Barrier,
-                results: list[tuple[int, float]]) -> None:
+                results: list[tuple[int, float]], round_no: int) -> None:
             barrier.wait()
             t0 = time.perf_counter()
             status, _ = clients[i].enc_keys(slave, 1, KEY_BITS)
             results[i] = (status, (time.perf_counter() - t0) * 1000)
+            raw["requests"].append({"round": round_no, "t_s": t0 - first, "status": status,
+                                    "latency_ms": results[i][1]})
 
-        threads = [threading.Thread(target=one, args=(i, barrier, results)) for i in range(n)]
+        threads = [threading.Thread(target=one, args=(i, barrier, results, round_no))
+                   for i in range(n)]
         for t in threads:
             t.start()
         for t in threads:
@@ -487,9 +502,14 @@ def run_bench(kind: str, state: Path, args: Any) -> int:
         print(f"\n== {name} ({manifest['name']}, QKD rate scale {scale:g}) ==", flush=True)
         rows = fn(ctx)
         print(_table(rows, columns))
-        _write(ctx, name, rows, {"federation": manifest["name"], "qkd_rate_scale": scale,
-                                 "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        print(f"(written: {ctx.out / (name + '.csv')}, {ctx.out / (name + '.json')})")
+        meta = {"federation": manifest["name"], "qkd_rate_scale": scale,
+                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        _write(ctx, name, rows, {**meta, "samples": ctx.samples.get(name)})
+        from lab.plots import figures
+
+        pngs = figures(name, rows, ctx.samples.get(name), meta, ctx.out)
+        print(f"(written: {ctx.out / (name + '.csv')}, {ctx.out / (name + '.json')}"
+              + "".join(f", {p}" for p in pngs) + ")")
     return 0
 
 

@@ -10,7 +10,9 @@
     kmstn federation up|status|down|restart --state DIR [--topology FILE]
     kmstn sae get-key --state DIR --sae SAE --slave SLAVE [--number N] [--size BITS]
     kmstn sae get-key-with-ids --state DIR --sae SAE --master MASTER KEY_ID...
-    kmstn bench keyrate|delay|concurrency|resources --state DIR
+    kmstn bench keyrate|delay|concurrency|resources|all --state DIR
+    kmstn dashboard --state DIR [--port 8090]    a live picture of a lab federation
+    kmstn trace --state DIR KEY_ID               one key's path through a lab's logs
 
 The first four are the node operator's (``kme.cli``); the others run
 federations on one machine. Exit codes: 0 success, 1 a service refused the
@@ -29,8 +31,10 @@ from kme import cli as node_cli
 from kme.cli import Subcommands
 from kme.config import LOG_LEVELS, load_topology
 from lab.bench import run_bench
+from lab.dashboard import serve
 from lab.federation import Federation, FederationError
 from lab.federation_status import render_status
+from lab.logs import trace_key
 from lab.pki import CertificateAuthority, issue_for_topology
 from lab.saeclient import SaeClient
 
@@ -173,11 +177,45 @@ def add_bench(sub: Subcommands) -> None:
         p.set_defaults(func=cmd_bench)
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    return serve(Path(args.state), args.host, args.port)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    lines = trace_key(Path(args.state) / "logs", args.key_id)
+    for line in lines:
+        r = line.record
+        extra = {k: v for k, v in r.items()
+                 if k not in ("ts", "level", "service", "node", "msg", "request_id")}
+        print(f"{r.get('ts', '')}  {r.get('node', '?'):<8} {r.get('service', '?'):<16} "
+              f"{r.get('request_id', '-')!s:<36}  {r.get('msg', '')}  "
+              f"{json.dumps(extra, separators=(',', ':'))}")
+    if not lines:
+        print(f"no log line of {args.state} names key {args.key_id}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_dashboard(sub: Subcommands) -> None:
+    dash = sub.add_parser("dashboard", help="serve a live picture of a lab federation")
+    dash.add_argument("--state", required=True)
+    dash.add_argument("--host", default="127.0.0.1")
+    dash.add_argument("--port", type=int, default=8090)
+    dash.set_defaults(func=cmd_dashboard)
+
+
+def add_trace(sub: Subcommands) -> None:
+    trace = sub.add_parser("trace", help="print one key ID's path from a lab federation's logs")
+    trace.add_argument("--state", required=True)
+    trace.add_argument("key_id")
+    trace.set_defaults(func=cmd_trace)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``kmstn`` command: the node-operator commands, then the lab's."""
     parser, sub = node_cli.new_parser(__doc__.splitlines()[0])
     node_cli.register(sub)
-    for add in (add_pki, add_federation, add_sae, add_bench):
+    for add in (add_pki, add_federation, add_sae, add_bench, add_dashboard, add_trace):
         add(sub)
     return parser
 

@@ -18,7 +18,8 @@ State directory::
     sim/<link>.toml emulator configuration of each QKD link
     logs/           one log per process (JSON lines)
     pids.json       what is running, for status and down
-    federation.json the manifest: CA, ETSI 014/020 URLs, SAE certificates
+    federation.json the manifest: CA, ETSI 014/020 URLs, SAE certificates, and
+                    each service's metrics URL (``metrics``: service name -> URL)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kme.config import (
+    DEFAULT_METRICS_PORTS,
     NodeConfig,
     QkdLink,
     TlsFiles,
@@ -186,6 +188,9 @@ class Federation:
                 "log": {"level": self.log_level},
                 "gateway": {"delivery": self.delivery},
                 "keyvault": {"tpm": "swtpm"},
+                # Ephemeral metrics ports (several labs may share 127.0.0.x);
+                # the launcher reads each one from its log into federation.json.
+                "metrics": {f"{s}_port": 0 for s in DEFAULT_METRICS_PORTS},
             })
         for link in topology.qkd_links:
             self._write_sim_config(link, ca, certs)
@@ -277,6 +282,7 @@ class Federation:
             self.pids_path.unlink(missing_ok=True)
             raise
         manifest = self._manifest(topology, certs, ca)
+        manifest["metrics"] = self._metrics_urls(pids)
         self.manifest_path.write_text(json.dumps(manifest, indent=2))
         return manifest
 
@@ -312,6 +318,17 @@ class Federation:
                       "argv": spec.argv}
         self._save_pids(pids)
         self._wait_healthy([spec], {name: proc}, timeout)
+        if self.manifest_path.exists():  # the new process has a new metrics port
+            manifest = json.loads(self.manifest_path.read_text())
+            manifest["metrics"] = self._metrics_urls(pids)
+            self.manifest_path.write_text(json.dumps(manifest, indent=2))
+
+    @staticmethod
+    def _metrics_urls(pids: dict[str, dict[str, Any]]) -> dict[str, str]:
+        from lab.logs import metrics_url
+
+        urls = {name: metrics_url(Path(info["log"])) for name, info in pids.items()}
+        return {name: url for name, url in urls.items() if url}
 
     def _wait_healthy(self, wave: Iterable[ServiceSpec],
                       procs: dict[str, subprocess.Popen[bytes]], timeout: float) -> None:

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from keyvault.client import KeyVaultClient
+from kme import metrics
 from kme.channels import internal_channel
 from kme.config import NodeConfig
 from kme.flows import Flows
@@ -60,7 +61,8 @@ def build(rt: Runtime) -> None:
     pools = PeerPools(config, links, rt.log, devices=devices)
     sealer = Sealer(links, pools, devices, rt.log)
     opener = Opener(links, sessions, devices, rt.log, reserved)
-    transport = Transport(config, sealer.seal, rt.log, discard_sessions=sealer.discard_keys)
+    transport = Transport(config, sealer.seal_detailed, rt.log,
+                          discard_sessions=sealer.discard_keys)
     budget = config.gateway.relay_timeout_ms / 1000
     vault = VaultPort(KeyVaultClient(internal_channel(config, "keyvault"), timeout=budget))
     routes = RoutingReplica(config.topology, config.node_id,
@@ -83,6 +85,11 @@ def build(rt: Runtime) -> None:
     rt.on_stop(routes.close)
     if devices is not None:
         rt.on_stop(devices.close)
+        # Device pool level and measured key rate per QKD link, for the metrics.
+        poller = metrics.DevicePoller([devices.for_link(lid) for lid in devices.links],
+                                      config.metrics.device_poll_s, rt.log)
+        poller.start()
+        rt.on_stop(poller.stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,10 +11,11 @@ benchmarks.
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 
-from kme import etsi020
+from kme import etsi020, metrics
 from kme import log as kmelog
 from kme.acks import ack_to_proto, acks_from_proto
 from kme.errors import ErrorCode, KmstnError
@@ -23,6 +24,7 @@ from kme.flows import DeviceKeysNotice, Flows
 from kme.rpc.v1 import relay_pb2, relay_pb2_grpc
 from kme.types import Deadline, NodeId
 from relay.convert import (
+    Opened,
     ext_keys_from_proto,
     keys_to_proto,
     kind_to_proto,
@@ -75,6 +77,7 @@ class RelayService(relay_pb2_grpc.RelayServicer):
             keys = self._flows.northbound.enc_keys(
                 request.master_sae_id, list(request.slave_sae_ids), request.number or 1,
                 request.size_bits, self._deadline(context), caller_alive=context.is_active)
+        metrics.count_key_bits("delivered", sum(k.size_bits for k in keys), "master")
         return relay_pb2.GetKeysResponse(keys=keys_to_proto(keys))
 
     def GetStatus(  # noqa: N802
@@ -98,9 +101,26 @@ class RelayService(relay_pb2_grpc.RelayServicer):
             raise KmstnError(ErrorCode.INVALID_ARGUMENT,
                              "messages between kmstn nodes must be sealed; a foreign KMS "
                              "speaks plain ETSI 020")
+        started = time.monotonic()
+        kind: metrics.LinkKind = "site"
+        try:
+            if sealed:
+                opened = self._opener.open(peer, message_type, request.envelope)
+                kind = opened.kind
+            answer = self._receive(request, peer, message_type, which,
+                                   opened if sealed else None, context)
+        except KmstnError as exc:
+            metrics.observe_hop(kind, "received", message_type, exc.code.name,
+                                time.monotonic() - started)
+            raise
+        metrics.observe_hop(kind, "received", message_type, "ok", time.monotonic() - started)
+        return answer
+
+    def _receive(self, request: relay_pb2.ReceiveRequest, peer: NodeId, message_type: str,
+                 which: str | None, opened: Opened | None, context: grpc.ServicerContext
+                 ) -> relay_pb2.ReceiveResponse:
         message: Incoming
-        if sealed:
-            opened = self._opener.open(peer, message_type, request.envelope)
+        if opened is not None:
             hop, deadline = opened.hop, self._deadline(context, opened.deadline)
             message = _parse(message_type, opened.body)
         else:

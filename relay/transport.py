@@ -19,18 +19,21 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from kme import etsi020
+from kme import etsi020, metrics
+from kme import log as kmelog
 from kme.config import Kmstn, NodeConfig
 from kme.errors import ErrorCode, KmstnError
 from kme.etsi020 import AckContainer, ExtKeyContainer, VoidContainer
 from kme.flows import AckMessage, DeviceKeysNotice, Outgoing
 from kme.pqtls import CLIENT_GROUPS, SERVER_GROUPS, HttpResponse, PeerHttpClient
 from kme.types import Deadline, NodeId
+from relay.convert import Sealed
 from relay.outcomes import read_answer
 
 __all__ = ["DEADLINE_HEADER", "PATHS", "SealFn", "Transport", "encode"]
@@ -44,8 +47,8 @@ PATHS: Final = {
 # The request's absolute deadline (Unix ms), for the receiving listener's own
 # call to its relay; the relay trusts only the copy bound into the envelope.
 DEADLINE_HEADER: Final = "Kmstn-Deadline"
-# seal(next_hop, message_type, body, hop, deadline) -> envelope bytes
-SealFn = Callable[[NodeId, str, bytes, int, Deadline], bytes]
+# seal(next_hop, message_type, body, hop, deadline) -> the envelope and the hop's kind
+SealFn = Callable[[NodeId, str, bytes, int, Deadline], Sealed]
 # Kept back from the deadline for reading the answer and passing it on.
 _REPLY_MARGIN_S: Final = 0.05
 
@@ -84,6 +87,12 @@ class Transport:
         self._foreign_http = foreign_http or PeerHttpClient(config.tls, SERVER_GROUPS)
         self._neighbours = {link.other(config.node_id)
                             for link in config.topology.links_of(config.node_id)}
+        # Each neighbour's link kind, for the hop metrics (a QKD link wins).
+        self._kinds: dict[NodeId, metrics.LinkKind] = {}
+        for link in config.topology.links_of(config.node_id):
+            peer = link.other(config.node_id)
+            if self._kinds.get(peer) != "qkd":
+                self._kinds[peer] = link.kind
         self._pending: dict[uuid.UUID, _Pending] = {}
         self._lock = threading.Lock()
         self._sync_capable: dict[NodeId, bool] = {}
@@ -105,6 +114,21 @@ class Transport:
              ) -> list[AckContainer]:
         node = self._neighbour(peer)
         message_type, body = encode(message)
+        kind = self._kinds[node.id]
+        started = time.monotonic()
+        try:
+            acks = self._send(node, message, message_type, body, hop, deadline)
+        except KmstnError as exc:
+            metrics.observe_hop(kind, "sent", message_type, exc.code.name,
+                                time.monotonic() - started)
+            raise
+        metrics.observe_hop(kind, "sent", message_type, "ok", time.monotonic() - started)
+        if isinstance(message, ExtKeyContainer):
+            metrics.count_key_bits("relayed", sum(len(k.value) * 8 for k in message.keys), kind)
+        return acks
+
+    def _send(self, node: Kmstn, message: Outgoing, message_type: str, body: bytes, hop: int,
+              deadline: Deadline) -> list[AckContainer]:
         url = node.etsi020_url + PATHS[message_type]
         if isinstance(message, AckMessage) and message.callback_url:
             url = message.callback_url  # validated by the 020 listener that got it
@@ -123,15 +147,16 @@ class Transport:
         timeout = deadline.require(f"sending to {node.id}") - _REPLY_MARGIN_S
         return http.request("POST", url, node.id, body,
                             {"Content-Type": media_type,
-                             DEADLINE_HEADER: str(deadline.unix_ms)},
+                             DEADLINE_HEADER: str(deadline.unix_ms),
+                             **kmelog.request_id_headers()},
                             max(timeout, 0.01))
 
     def _sealed(self, node: Kmstn, url: str, message_type: str, body: bytes, hop: int,
                 deadline: Deadline) -> list[AckContainer]:
         onward = deadline.for_next_hop()
         for attempt in (1, 2):
-            envelope = self._seal(node.id, message_type, body, hop, onward)
-            resp = self._post(self._kmstn_http, node, url, envelope,
+            sealed = self._seal(node.id, message_type, body, hop, onward)
+            resp = self._post(self._kmstn_http, node, url, sealed.envelope,
                               etsi020.SEALED_MEDIA_TYPE, deadline)
             try:
                 return read_answer(resp.status, resp.body, message_type)

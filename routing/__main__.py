@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from kme import metrics
 from kme.rpc.v1 import routing_pb2, routing_pb2_grpc
 from kme.server import Runtime, run_service
 from routing.graph import RoutingTable
@@ -14,6 +15,10 @@ from routing.service import RoutingService
 def build(rt: Runtime) -> None:
     table = RoutingTable(rt.config.topology, rt.config.node_id)
     routing_pb2_grpc.add_RoutingServicer_to_server(RoutingService(table, rt.log), rt.server)
+    # Link state is read from the table when scraped, whoever changed it.
+    metrics.register_link_state(lambda: [
+        metrics.LinkView(s.link.id, s.link.kind, s.link.a, s.link.b, s.up, s.cost)
+        for s in table.links()[1]], rt.log)
     rt.serving(routing_pb2.DESCRIPTOR.services_by_name["Routing"].full_name)
 
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import settings
 
 from tests.helpers import Pki
+from tests.testbed import Testbed
 from tests.trio import Trio
 
 # Hypothesis' per-example deadline is a timed assertion: on a shared 2-core
@@ -42,4 +43,13 @@ def trio() -> Iterator[Trio]:
     from tests.trio import start_trio
 
     with start_trio() as federation:
+        yield federation
+
+
+@pytest.fixture(scope="session")
+def testbed() -> Iterator[Testbed]:
+    """The paper's 8-node testbed (examples/testbed.toml) on free ports, QKD rates x1000."""
+    from tests.testbed import start_testbed
+
+    with start_testbed() as federation:
         yield federation

@@ -18,7 +18,7 @@ import kme.etsi014 as etsi014
 from gateway.app import json_response
 from gateway.auth import caller_identity
 from gateway.deps import Edge
-from kme import flows
+from kme import flows, metrics
 from kme import log as kmelog
 from kme.flows import limits_for, own_sae
 from kme.types import Deadline, sae_id
@@ -78,4 +78,5 @@ def dec_keys(master: str) -> Response:
             key_ids = etsi014.parse_key_ids_body(request.get_data())
         assert edge.vault is not None  # noqa: S101 - the 014 edge is built with the keyvault
         keys = flows.dec_keys(edge.config, edge.vault.take, slave, master, key_ids)
+        metrics.count_key_bits("delivered", sum(k.size_bits for k in keys), "slave")
         return json_response(etsi014.key_container(keys))

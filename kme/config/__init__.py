@@ -19,6 +19,7 @@ ConfigError), ``topology`` (:func:`load_topology`) and ``node``
 """
 
 from kme.config.model import (
+    DEFAULT_METRICS_PORTS,
     DELIVERY_MODES,
     KMSTN_KINDS,
     LOG_LEVELS,
@@ -33,6 +34,8 @@ from kme.config.model import (
     Link,
     LinkKindName,
     LogLevel,
+    MetricsService,
+    MetricsSettings,
     NodeConfig,
     Outage,
     QkdDeviceAccess,
@@ -48,6 +51,7 @@ from kme.config.reader import EX_CONFIG, ConfigError
 from kme.config.topology import load_topology
 
 __all__ = [
+    "DEFAULT_METRICS_PORTS",
     "DELIVERY_MODES",
     "EX_CONFIG",
     "KMSTN_KINDS",
@@ -64,6 +68,8 @@ __all__ = [
     "Link",
     "LinkKindName",
     "LogLevel",
+    "MetricsService",
+    "MetricsSettings",
     "NodeConfig",
     "Outage",
     "QkdDeviceAccess",

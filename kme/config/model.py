@@ -18,6 +18,7 @@ from kme.errors import ErrorCode, KmstnError
 from kme.types import NodeId, SaeId
 
 __all__ = [
+    "DEFAULT_METRICS_PORTS",
     "DELIVERY_MODES",
     "KMSTN_KINDS",
     "LOG_LEVELS",
@@ -32,6 +33,8 @@ __all__ = [
     "Link",
     "LinkKindName",
     "LogLevel",
+    "MetricsService",
+    "MetricsSettings",
     "NodeConfig",
     "Outage",
     "QkdDeviceAccess",
@@ -258,6 +261,32 @@ class RelaySettings:
     qkd_reserve: int = 8
 
 
+MetricsService = Literal["routing", "keyvault", "relay", "etsi014", "etsi020"]
+
+# Where each process of a node serves its Prometheus metrics by default: one
+# port per process, on the node's own address, apart from the ETSI and relay
+# ports (written here once; the node file's [metrics] table overrides them).
+DEFAULT_METRICS_PORTS: Final[Mapping[str, int]] = {
+    "routing": 9461, "keyvault": 9462, "relay": 9463, "etsi014": 9464, "etsi020": 9465}
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """The Prometheus listeners of a node's processes (kme.metrics)."""
+
+    enabled: bool = True
+    # Default: the node's own address from the topology.
+    host: str = ""
+    # Port per process; 0 takes an ephemeral port (tests, labs), which the
+    # process logs ("metrics listening").
+    ports: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_METRICS_PORTS))
+    # How often the relay asks its QKD devices for their status (0: never).
+    device_poll_s: float = 2.0
+
+    def port(self, service: MetricsService) -> int:
+        return self.ports[service]
+
+
 @dataclass(frozen=True, slots=True)
 class QkdDeviceAccess:
     """Credentials this node uses toward its device on one QKD link."""
@@ -282,6 +311,11 @@ class NodeConfig:
     keyvault: KeyvaultSettings
     relay: RelaySettings
     qkd_devices: Mapping[str, QkdDeviceAccess]
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+
+    @property
+    def metrics_host(self) -> str:
+        return self.metrics.host or self.node.host
 
     @property
     def node_id(self) -> NodeId:

@@ -10,19 +10,22 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from kme.config.model import (
+    DEFAULT_METRICS_PORTS,
     DELIVERY_MODES,
     LOG_LEVELS,
     TPM_MODES,
     Endpoint,
     GatewaySettings,
     KeyvaultSettings,
+    Kmstn,
+    MetricsSettings,
     NodeConfig,
     QkdDeviceAccess,
     RelaySettings,
     TlsFiles,
 )
 from kme.config.reader import EX_CONFIG, ConfigError, Table, read_toml
-from kme.config.topology import load_topology
+from kme.config.topology import host_field, load_topology
 from kme.types import NodeId
 
 __all__ = ["load_node_config", "load_or_exit"]
@@ -104,6 +107,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
     gateway = _read_gateway(root.table("gateway", GatewaySettings))
     keyvault = _read_keyvault(root.table("keyvault", KeyvaultSettings))
     relay = _read_relay(root.table("relay", RelaySettings))
+    metrics = _read_metrics(root.table("metrics", MetricsSettings), node)
 
     my_links = {link.id: link for link in topology.links_of(node.id) if link.kind == "qkd"}
     devices: dict[str, QkdDeviceAccess] = {}
@@ -131,7 +135,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
         source=file, node=node, topology=topology, data_dir=data_dir, tls=tls,
         keyvault_endpoint=endpoints["keyvault"], routing_endpoint=endpoints["routing"],
         relay_endpoint=endpoints["relay"], log_level=level, gateway=gateway,
-        keyvault=keyvault, relay=relay, qkd_devices=devices,
+        keyvault=keyvault, relay=relay, qkd_devices=devices, metrics=metrics,
     )
 
 
@@ -174,3 +178,24 @@ def _read_relay(r: Table) -> RelaySettings:
     )
     r.close()
     return relay
+
+
+def _read_metrics(m: Table, node: Kmstn) -> MetricsSettings:
+    enabled = m.boolean("enabled")
+    host = host_field(m, "host") if "host" in m.data else m.text("host", "")
+    ports: dict[str, int] = {}
+    taken = {node.etsi014_port: "etsi014_port", node.etsi020_port: "etsi020_port",
+             node.relay_port: "relay_port"}
+    for service, default in DEFAULT_METRICS_PORTS.items():
+        key = f"{service}_port"
+        port = m.integer(key, default, lo=0, hi=65535)
+        if port and (not host or host == node.host) and port in taken:
+            raise m.error(key, f"{port} is this node's {taken[port]} in the topology; "
+                               "metrics need a port of their own")
+        if port and port in ports.values():
+            other = next(s for s, p in ports.items() if p == port)
+            raise m.error(key, f"{port} is already metrics.{other}_port")
+        ports[service] = port
+    poll = m.number("device_poll_s", nonnegative=True)
+    m.close()
+    return MetricsSettings(enabled=enabled, host=host, ports=ports, device_poll_s=poll)

@@ -197,6 +197,15 @@ class Table:
                 return choice
         raise self.error(key, f"must be one of {', '.join(choices)}; got {value!r}")
 
+    def boolean(self, key: str) -> bool:
+        """A true/false value; a missing key reads as the model's default."""
+        value = self._lookup(key)
+        if value is _UNSET:
+            value = self._fallback(key, _UNSET)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be a boolean, got {_type_name(value)}")
+        return value
+
     @overload
     def integer(self, key: str, *, lo: int | None = None, hi: int | None = None) -> int: ...
     @overload

@@ -28,7 +28,7 @@ from kme.config.reader import ConfigError, Table, field_default, read_toml
 from kme.errors import KmstnError
 from kme.types import NodeId, SaeId, node_id, sae_id
 
-__all__ = ["load_topology"]
+__all__ = ["host_field", "load_topology"]
 
 
 class _Bounds(TypedDict):
@@ -42,7 +42,8 @@ _I = TypeVar("_I", bound=str)
 _PLAIN_KINDS: Final[tuple[Literal["pqc", "site"], ...]] = ("pqc", "site")
 
 
-def _host(t: Table, key: str) -> str:
+def host_field(t: Table, key: str) -> str:
+    """An IP address or DNS host name (ConfigError otherwise)."""
     value = t.text(key)
     try:
         ipaddress.ip_address(value)
@@ -108,7 +109,7 @@ def _read_kmstns(file: Path, root: Table) -> dict[NodeId, Kmstn]:
         if nid in kmstns:
             raise t.error("id", f"duplicate KMSTN id {nid!r}")
         kind = t.choice("kind", KMSTN_KINDS, "kmstn")
-        host = _host(t, "host")
+        host = host_field(t, "host")
         k = Kmstn(
             id=nid,
             host=host,
@@ -206,7 +207,7 @@ def _read_device(t: Table, end: str, node: NodeId, lid: str) -> DeviceEndpoint:
     except KmstnError as exc:
         raise d.error("sae_id", exc.public) from None
     device = DeviceEndpoint(
-        host=_host(d, "host"),
+        host=host_field(d, "host"),
         port=d.integer("port", **_PORT),
         kme_id=d.text("kme_id", f"{lid}-{end}"),
         sae_id=SaeId(dev_sae),

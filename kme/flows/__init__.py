@@ -25,8 +25,11 @@ deadline (:class:`kme.types.Deadline`).
 
 from __future__ import annotations
 
+import contextvars
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, ParamSpec, TypeVar
 
 from kme.config import NodeConfig
 from kme.flows.context import MAX_HOPS, Context
@@ -63,6 +66,20 @@ __all__ = [
 ]
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+class _ContextPool(ThreadPoolExecutor):
+    """A pool whose tasks run in the submitter's context (its request ID and log fields)."""
+
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
+               ) -> Future[_T]:
+        ctx = contextvars.copy_context()
+        call: Callable[..., Any] = ctx.run
+        return super().submit(call, fn, *args, **kwargs)
+
+
 class Flows:
     """The parts, built together over one set of ports and one worker pool."""
 
@@ -70,7 +87,7 @@ class Flows:
                  devices: Devices, jobs: JobStore, log: logging.Logger | None = None,
                  workers: int = 16) -> None:
         self.log = log or logging.getLogger("kmstn.flows")
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="flows")
+        self._pool = _ContextPool(workers, thread_name_prefix="flows")
         self.jobs = Jobs(jobs, self.log, run=self._pool.submit,
                          ttl_s=float(config.keyvault.key_ttl_s))
         self.ctx = Context(config, routes, vault, hop, devices, self.jobs, self._pool, self.log)

@@ -15,6 +15,7 @@ from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
 from kme import etsi014
+from kme import metrics as kmetrics
 from kme.config import DeviceEndpoint, NodeConfig, QkdDeviceAccess, QkdLink
 from kme.errors import ErrorCode, KmstnError
 from kme.etsi014 import KeyRequest, Status
@@ -87,6 +88,10 @@ class QkdDeviceClient:
 
     def __repr__(self) -> str:
         return f"QkdDeviceClient(link={self.link.id!r}, node={self.node!r})"
+
+    @property
+    def link_id(self) -> str:
+        return self.link.id
 
     # -- connections ---------------------------------------------------------------------
 
@@ -175,6 +180,20 @@ class QkdDeviceClient:
               parse: Callable[[bytes], T], attempts: int = 1) -> T:
         """Send one call; ``attempts`` > 1 only for reads. A request that never left
         this node is tried again up to _CONNECT_ATTEMPTS times whatever the call."""
+        started = time.perf_counter()
+        try:
+            result = self._call_once(op, method, path, body, parse, attempts)
+        except KmstnError as exc:
+            kmetrics.observe_device_call(self.link.id, op, exc.code.name,
+                                         time.perf_counter() - started)
+            raise
+        bits = sum(k.size_bits for k in result) if isinstance(result, list) else 0
+        kmetrics.observe_device_call(self.link.id, op, "ok", time.perf_counter() - started,
+                                     bits)
+        return result
+
+    def _call_once(self, op: Op, method: str, path: str, body: dict[str, Any] | None,
+                   parse: Callable[[bytes], T], attempts: int) -> T:
         tries = 0
         while True:
             tries += 1
