@@ -1,7 +1,8 @@
 """Benchmark: a real keyvault process, store and take throughput through gRPC.
 
     python -m keyvault.bench [--keys 4000] [--batches 1 10 100] [--clients 1]
-                             [--preload 10000] [--tpm swtpm]
+                             [--preload 10000] [--tpm swtpm] [--upstream NODE]
+                             [--jobs 1000]
 
 It makes a throwaway node (CA, topology, node file) in a temporary
 directory, starts ``python -m keyvault`` there (swtpm by default), and
@@ -15,11 +16,18 @@ reports:
 - for each batch size: keys/s for Store (fresh 256-bit keys) and then for
   Take of the same keys, over the unix socket, with ``--clients`` threads
   each using its own channel. Every call commits (WAL, synchronous = FULL).
+  With ``--upstream`` the keys are stored as relayed from that neighbour
+  (the upstream column is set, and each taken key's tombstone gets its
+  keyed fingerprint), as on a node that receives ETSI 020 ext_keys;
+- the outbox: ``--jobs`` jobs (256-byte payloads) put one per call, then
+  listed, then completed one per call, jobs/s (every put and completion is
+  one durable transaction).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import shutil
@@ -36,8 +44,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from keyvault.client import KeyVaultClient, StoreItem
-from kme.types import Key, SecretBytes
+from keyvault.client import KeyVaultClient
+from kme.types import Key, KeyGrant, OutboxJob, SecretBytes
 from lab.pki import CertificateAuthority
 
 
@@ -116,7 +124,8 @@ def _run_parallel(clients: Sequence[KeyVaultClient],
     return time.perf_counter() - started
 
 
-def bench_batch(target: str, n_keys: int, batch: int, n_clients: int) -> tuple[float, float]:
+def bench_batch(target: str, n_keys: int, batch: int, n_clients: int,
+                upstream: str | None = None) -> tuple[float, float]:
     """Store then take ``n_keys`` keys in batches; returns (store keys/s, take keys/s)."""
     channels = [grpc.insecure_channel(target) for _ in range(n_clients)]
     clients = [KeyVaultClient(ch, timeout=30) for ch in channels]
@@ -127,7 +136,8 @@ def bench_batch(target: str, n_keys: int, batch: int, n_clients: int) -> tuple[f
     def store(c: KeyVaultClient, i: int) -> None:
         mine = keys[i]
         for j in range(0, len(mine), batch):
-            c.store([StoreItem(k, "master", ("slave",), "A") for k in mine[j:j + batch]])
+            c.store([KeyGrant(k, "master", ("slave",), "A", upstream)
+                     for k in mine[j:j + batch]])
 
     def take(c: KeyVaultClient, i: int) -> None:
         mine = keys[i]
@@ -145,12 +155,40 @@ def bench_batch(target: str, n_keys: int, batch: int, n_clients: int) -> tuple[f
     return total / store_s, total / take_s
 
 
+def bench_outbox(target: str, n_jobs: int) -> tuple[float, float, float]:
+    """Put, list and complete ``n_jobs`` jobs; (put jobs/s, listed jobs/s, completed jobs/s)."""
+    now = dt.datetime.now(dt.UTC)
+    jobs = [OutboxJob(uuid.uuid4(), "deliver", "B", SecretBytes(os.urandom(256)),
+                      expires_at=now + dt.timedelta(hours=1)) for _ in range(n_jobs)]
+    with grpc.insecure_channel(target) as ch:
+        client = KeyVaultClient(ch, timeout=60)
+        started = time.perf_counter()
+        for j in jobs:
+            client.put_jobs([j])
+        put_s = time.perf_counter() - started
+        started = time.perf_counter()
+        listed = 0
+        while listed < n_jobs:
+            # A lease, as a worker would take them: each page is a new one.
+            page = client.due_jobs(1000, lease_ms=600_000).jobs
+            if not page:
+                raise SystemExit("due_jobs returned fewer jobs than were put")
+            listed += len(page)
+        list_s = time.perf_counter() - started
+        started = time.perf_counter()
+        for j in jobs:
+            if not client.complete_job(j.job_id):
+                raise SystemExit("a job was missing")
+        done_s = time.perf_counter() - started
+    return n_jobs / put_s, n_jobs / list_s, n_jobs / done_s
+
+
 def preload(target: str, n_keys: int) -> None:
     """Keys for another SAE pair that stay in the vault during the measurement."""
     with grpc.insecure_channel(target) as ch:
         client = KeyVaultClient(ch, timeout=60)
         for start in range(0, n_keys, 1000):
-            client.store([StoreItem(Key(uuid.uuid4(), SecretBytes(os.urandom(32)), 256),
+            client.store([KeyGrant(Key(uuid.uuid4(), SecretBytes(os.urandom(32)), 256),
                                     "other-master", ("other-slave",), "A")
                           for _ in range(min(1000, n_keys - start))])
 
@@ -163,6 +201,9 @@ def main() -> None:
     parser.add_argument("--preload", type=int, default=10_000,
                         help="keys left waiting in the vault during the measurement")
     parser.add_argument("--tpm", choices=("swtpm", "file"), default="swtpm")
+    parser.add_argument("--upstream", default=None,
+                        help="store the keys as relayed from this neighbour node")
+    parser.add_argument("--jobs", type=int, default=1000, help="outbox jobs (0: skip)")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="kvbench-", dir="/tmp"))
@@ -182,13 +223,20 @@ def main() -> None:
             print(f"{'batch':>6} {'clients':>8} {'keys':>6} {'store keys/s':>13} "
                   f"{'take keys/s':>12}")
             for batch in args.batches:
-                store_rate, take_rate = bench_batch(proc.target, args.keys, batch, args.clients)
+                store_rate, take_rate = bench_batch(proc.target, args.keys, batch, args.clients,
+                                                    args.upstream)
                 print(f"{batch:>6} {args.clients:>8} {args.keys:>6} {store_rate:>13.0f} "
                       f"{take_rate:>12.0f}")
+            if args.jobs:
+                put_rate, list_rate, done_rate = bench_outbox(proc.target, args.jobs)
+                print(f"outbox: {args.jobs} jobs, put {put_rate:.0f} jobs/s (one per call), "
+                      f"listed {list_rate:.0f} jobs/s (pages of 1000, leased), "
+                      f"completed {done_rate:.0f} jobs/s (one per call)")
         finally:
             proc.stop()
-        print(f"(256-bit keys; {args.preload} other keys waiting; gRPC over the unix socket; "
-              "every call one durable transaction)")
+        origin = f"relayed from {args.upstream}" if args.upstream else "made on this node"
+        print(f"(256-bit keys {origin}; {args.preload} other keys waiting; gRPC over the unix "
+              "socket; every call one durable transaction)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -1,11 +1,14 @@
 """Keys derived from the vault's root secret, and per-record encryption.
 
 The vault has one 256-bit **root secret**, sealed by the TPM (see
-:mod:`keyvault.sealing`). Two independent keys are derived from it with
+:mod:`keyvault.sealing`). Independent keys are derived from it with
 HKDF-SHA256 under distinct labels:
 
 - the SQLCipher database key, which encrypts every page of the file;
-- record key number 1, which encrypts each key's bytes on its own.
+- record key number 1, which encrypts each key's bytes (and each outbox
+  job's payload) on its own;
+- the fingerprint key, an HMAC-SHA256 key for the fingerprints that a
+  tombstone keeps of a delivered key (see :meth:`RecordCipher.fingerprint`).
 
 Keeping the two apart means neither key alone decrypts a key: whoever gets
 the database key (SQLCipher keeps it in its own memory) still meets AES-GCM
@@ -18,6 +21,10 @@ master SAE, allowed SAEs, origin node), so a record copied into another row,
 or a row whose allowed set was edited, fails authentication instead of
 handing its bytes to the wrong SAE.
 
+An outbox job's payload is sealed the same way, under a different label in
+the associated data and with the job's identity (job ID, kind, destination
+node): a payload copied into another job's row does not decrypt.
+
 Nonces are random (96 bits). With one record key the collision bound stays
 negligible up to about 2**32 records; the key number lets a later version
 rotate to a fresh record key without rewriting old rows.
@@ -25,11 +32,13 @@ rotate to a fresh record key without rewriting old rows.
 
 from __future__ import annotations
 
+import hmac
 import os
 import struct
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -42,9 +51,11 @@ from kme.types import SecretBytes
 __all__ = [
     "RECORD_VERSION",
     "ROOT_SECRET_BYTES",
+    "JobIdentity",
     "RecordCipher",
     "RecordIdentity",
     "derive_db_key",
+    "derive_fingerprint_key",
     "derive_record_key",
 ]
 
@@ -53,6 +64,8 @@ RECORD_VERSION = 1
 _HEADER = struct.Struct(">BI")
 _NONCE_BYTES = 12
 _AAD_LABEL = b"kmstn/keyvault/record\x00"
+_JOB_AAD_LABEL = b"kmstn/keyvault/job\x00"
+_FINGERPRINT_LABEL = b"kmstn/keyvault/fingerprint/v1\x00"
 
 
 def _hkdf(root: SecretBytes, label: bytes) -> SecretBytes:
@@ -72,6 +85,11 @@ def derive_record_key(root: SecretBytes, key_number: int) -> SecretBytes:
     return _hkdf(root, b"kmstn keyvault record key v1 #" + str(key_number).encode())
 
 
+def derive_fingerprint_key(root: SecretBytes) -> SecretBytes:
+    """The HMAC-SHA256 key of tombstone fingerprints."""
+    return _hkdf(root, b"kmstn keyvault tombstone fingerprint key v1")
+
+
 def _field(text: str) -> bytes:
     raw = text.encode("utf-8")
     return struct.pack(">H", len(raw)) + raw
@@ -87,6 +105,10 @@ class RecordIdentity:
     allowed_sae_ids: tuple[str, ...]
     origin_node_id: str
 
+    @property
+    def name(self) -> str:
+        return f"key {self.key_id}"
+
     def associated_data(self, header: bytes) -> bytes:
         # Length-prefixed fields and a sorted allowed set: one identity has
         # exactly one encoding, and no two identities share one.
@@ -98,27 +120,75 @@ class RecordIdentity:
         ])
 
 
+@dataclass(frozen=True, slots=True)
+class JobIdentity:
+    """What an outbox job is; bound into its payload's associated data."""
+
+    job_id: uuid.UUID
+    kind: str
+    destination_node_id: str
+
+    @property
+    def name(self) -> str:
+        return f"job {self.job_id}"
+
+    def associated_data(self, header: bytes) -> bytes:
+        return b"".join([_JOB_AAD_LABEL, header, self.job_id.bytes, _field(self.kind),
+                         _field(self.destination_node_id)])
+
+
+class _Bound(Protocol):
+    """Anything sealed by a RecordCipher: its identity goes into the AAD."""
+
+    @property
+    def name(self) -> str: ...
+
+    def associated_data(self, header: bytes) -> bytes: ...
+
+
 class RecordCipher:
     """Encrypt and decrypt key bytes per record with the current record key."""
 
-    def __init__(self, keys: dict[int, SecretBytes], current: int) -> None:
+    def __init__(self, keys: dict[int, SecretBytes], current: int,
+                 fingerprint_key: SecretBytes) -> None:
         if current not in keys:
             raise ValueError("the current key number has no key")
         self._aead = {n: AESGCM(k.reveal()) for n, k in keys.items()}
         self._current = current
+        self._fingerprint_key = fingerprint_key.reveal()
 
     @classmethod
     def from_root(cls, root: SecretBytes) -> RecordCipher:
-        return cls({1: derive_record_key(root, 1)}, current=1)
+        return cls({1: derive_record_key(root, 1)}, current=1,
+                   fingerprint_key=derive_fingerprint_key(root))
 
-    def seal(self, identity: RecordIdentity, material: SecretBytes) -> bytes:
+    def fingerprint(self, identity: RecordIdentity, material: SecretBytes) -> bytes:
+        """A keyed fingerprint of one key, kept in its tombstone after delivery.
+
+        It lets a byte-identical resend of a delivered key be told from a
+        conflicting one without keeping the key. Keyed (HMAC-SHA256 under a
+        key derived from the root secret), not a plain hash: a key may be as
+        short as a few bits, and even a 256-bit key may be known or guessed
+        elsewhere; a plain hash in the file would let whoever reads the pages
+        test guesses offline and confirm which keys this node delivered. The
+        key ID, size and origin are bound in, so equal bytes under two IDs
+        give unrelated fingerprints.
+        """
+        msg = b"".join([_FINGERPRINT_LABEL, identity.key_id.bytes,
+                        struct.pack(">I", identity.size_bits), _field(identity.origin_node_id),
+                        material.reveal()])
+        # hmac.digest: the one-shot OpenSSL path, several times faster than
+        # hmac.new() per call, which matters once per taken key.
+        return hmac.digest(self._fingerprint_key, msg, "sha256")
+
+    def seal(self, identity: _Bound, material: SecretBytes) -> bytes:
         header = _HEADER.pack(RECORD_VERSION, self._current)
         nonce = os.urandom(_NONCE_BYTES)
         ct = self._aead[self._current].encrypt(nonce, material.reveal(),
                                                identity.associated_data(header))
         return header + nonce + ct
 
-    def open(self, identity: RecordIdentity, blob: bytes) -> SecretBytes:
+    def open(self, identity: _Bound, blob: bytes) -> SecretBytes:
         """Decrypt one record or raise INTERNAL (the private cause says why)."""
         if len(blob) < _HEADER.size + _NONCE_BYTES + 16:
             raise _corrupt(identity, "record too short")
@@ -137,6 +207,6 @@ class RecordCipher:
         return SecretBytes(plain)
 
 
-def _corrupt(identity: RecordIdentity, why: str) -> KmstnError:
-    return KmstnError(ErrorCode.INTERNAL, "stored key record is damaged",
-                      cause=f"key {identity.key_id}: {why}")
+def _corrupt(identity: _Bound, why: str) -> KmstnError:
+    return KmstnError(ErrorCode.INTERNAL, "stored record is damaged",
+                      cause=f"{identity.name}: {why}")

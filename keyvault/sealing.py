@@ -23,9 +23,8 @@ copying the database alone and nothing more (root reads the emulator's state
 or the key file): both log a loud warning at every start.
 
 The secret is unsealed once, at start, never per request: a hardware TPM
-takes tens of milliseconds per command. Commands that carry the secret use a
-salted HMAC session with AES-128-CFB parameter encryption, so the secret and
-the auth value do not cross the TPM bus in clear.
+takes tens of milliseconds per command. The TPM commands themselves (and
+their encrypted sessions) are :mod:`keyvault.tpm`.
 """
 
 from __future__ import annotations
@@ -39,16 +38,13 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TextIO
 
 from keyvault.records import ROOT_SECRET_BYTES
-from keyvault.swtpm import SwtpmProcess
+from keyvault.tpm import PARENT, TpmKind, open_tpm, sealed_error
 from kme.config import ConfigError, KeyvaultSettings
-from kme.errors import ErrorCode, KmstnError
 from kme.types import SecretBytes
 
 __all__ = [
@@ -61,9 +57,6 @@ __all__ = [
 SEALED_FILE: Final = "sealed-key.json"
 DB_FILE: Final = "vault.db"
 _FORMAT: Final = 1
-_PARENT: Final = "owner:ecc256:aes128cfb"
-
-TpmKind = Literal["device", "swtpm"]
 
 _EMULATED_WARNING: Final = (
     "SECURITY WARNING: the key vault's database key is protected by an EMULATED TPM "
@@ -99,10 +92,6 @@ def parse_hex_key(text: str) -> SecretBytes:
         raise ValueError(f"must be {2 * ROOT_SECRET_BYTES} hex characters") from None
 
 
-def _sealed_error(public: str, cause: str | None = None) -> KmstnError:
-    return KmstnError(ErrorCode.SEALED, public, cause=cause)
-
-
 # -- the sealed-key file ------------------------------------------------------------------
 
 
@@ -112,14 +101,14 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise _sealed_error(f"{path} is unreadable or damaged", cause=str(exc)) from None
+        raise sealed_error(f"{path} is unreadable or damaged", cause=str(exc)) from None
     if not isinstance(data, dict) or data.get("format") != _FORMAT or data.get(
             "protection") not in ("tpm", "external"):
-        raise _sealed_error(f"{path} is not a kmstn sealed-key file (format {_FORMAT})")
+        raise sealed_error(f"{path} is not a kmstn sealed-key file (format {_FORMAT})")
     if data["protection"] == "tpm" and (
-            data.get("tpm") not in ("device", "swtpm") or data.get("parent") != _PARENT
+            data.get("tpm") not in ("device", "swtpm") or data.get("parent") != PARENT
             or not isinstance(data.get("public"), str) or not isinstance(data.get("private"), str)):
-        raise _sealed_error(f"{path} is damaged (fields missing)")
+        raise sealed_error(f"{path} is damaged (fields missing)")
     return data
 
 
@@ -138,145 +127,6 @@ def _write_meta(path: Path, data: dict[str, Any]) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
-
-
-# -- TPM operations ---------------------------------------------------------------------
-
-
-class _Tpm:
-    """The few TPM2 commands we need, via tpm2-pytss ESAPI."""
-
-    def __init__(self, tcti_name: str, tcti_conf: str) -> None:
-        from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
-
-        try:
-            self.ectx = ESAPI(TCTILdr(tcti_name, tcti_conf))
-        except TSS2_Exception as exc:
-            raise _sealed_error(f"cannot talk to the TPM ({tcti_name}:{tcti_conf})",
-                                cause=str(exc)) from None
-
-    def close(self, shutdown: bool) -> None:
-        from tpm2_pytss import TSS2_Exception
-        from tpm2_pytss.constants import TPM2_SU
-
-        try:
-            if shutdown:
-                # Orderly shutdown for our own emulator, which stops right after.
-                self.ectx.shutdown(TPM2_SU.CLEAR)
-        except TSS2_Exception:
-            pass
-        finally:
-            self.ectx.close()
-
-    def _primary(self) -> Any:
-        from tpm2_pytss.constants import ESYS_TR, TPMA_OBJECT
-        from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
-
-        template = TPM2B_PUBLIC.parse(
-            _PARENT.split(":", 1)[1],
-            objectAttributes=TPMA_OBJECT.DEFAULT_TPM2_TOOLS_CREATEPRIMARY_ATTRS)
-        handle, *_ = self.ectx.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.OWNER)
-        return handle
-
-    def _session(self, primary: Any, attributes: int) -> Any:
-        from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPMA_SESSION
-        from tpm2_pytss.types import TPMT_SYM_DEF, TPMU_SYM_KEY_BITS, TPMU_SYM_MODE
-
-        sym = TPMT_SYM_DEF(algorithm=TPM2_ALG.AES, keyBits=TPMU_SYM_KEY_BITS(aes=128),
-                           mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB))
-        session = self.ectx.start_auth_session(
-            tpm_key=primary, bind=ESYS_TR.NONE, session_type=TPM2_SE.HMAC, symmetric=sym,
-            auth_hash=TPM2_ALG.SHA256)
-        self.ectx.trsess_set_attributes(session, attributes | TPMA_SESSION.CONTINUESESSION)
-        return session
-
-    def seal(self, secret: SecretBytes, auth: SecretBytes | None) -> tuple[bytes, bytes]:
-        from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT, TPMA_SESSION
-        from tpm2_pytss.types import (
-            TPM2B_AUTH,
-            TPM2B_PUBLIC,
-            TPM2B_SENSITIVE_CREATE,
-            TPM2B_SENSITIVE_DATA,
-            TPMS_SENSITIVE_CREATE,
-            TPMT_PUBLIC,
-        )
-
-        primary = self._primary()
-        # fixedTPM/fixedParent: the object can never be duplicated to another
-        # TPM. noDA: a crash (non-orderly shutdown) must not lock the vault
-        # out through dictionary-attack accounting; the auth value, when used,
-        # is a high-entropy file, not a password.
-        attrs = (TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
-                 | TPMA_OBJECT.NODA)
-        public = TPM2B_PUBLIC(TPMT_PUBLIC(type=TPM2_ALG.KEYEDHASH, nameAlg=TPM2_ALG.SHA256,
-                                          objectAttributes=attrs))
-        public.publicArea.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
-        sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(
-            userAuth=TPM2B_AUTH(auth.reveal() if auth else b""),
-            data=TPM2B_SENSITIVE_DATA(secret.reveal())))
-        session = self._session(primary, TPMA_SESSION.DECRYPT)
-        try:
-            private, out_public, *_ = self.ectx.create(primary, sensitive, public,
-                                                       session1=session)
-        finally:
-            self.ectx.flush_context(session)
-            self.ectx.flush_context(primary)
-        return bytes(out_public.marshal()), bytes(private.marshal())
-
-    def unseal(self, public: bytes, private: bytes, auth: SecretBytes | None) -> SecretBytes:
-        from tpm2_pytss import TSS2_Exception
-        from tpm2_pytss.constants import TPM2_RC, TPMA_SESSION
-        from tpm2_pytss.types import TPM2B_PRIVATE, TPM2B_PUBLIC
-
-        primary = self._primary()
-        try:
-            try:
-                handle = self.ectx.load(primary, TPM2B_PRIVATE.unmarshal(private)[0],
-                                        TPM2B_PUBLIC.unmarshal(public)[0])
-            except TSS2_Exception as exc:
-                raise _sealed_error(
-                    "the sealed database key cannot be opened by this TPM: the data directory "
-                    "was sealed by another TPM (copied from another machine, or this TPM's "
-                    "state was cleared or replaced). The vault stays closed.",
-                    cause=f"TPM2_Load: {exc}") from None
-            if auth:
-                self.ectx.tr_set_auth(handle, auth.reveal())
-            session = self._session(primary, TPMA_SESSION.ENCRYPT)
-            try:
-                data = self.ectx.unseal(handle, session1=session)
-            except TSS2_Exception as exc:
-                if exc.error in (TPM2_RC.AUTH_FAIL, TPM2_RC.BAD_AUTH):
-                    raise _sealed_error(
-                        "the TPM refused the auth value for the sealed database key "
-                        "(keyvault.tpm_auth_file)", cause=str(exc)) from None
-                raise _sealed_error("the TPM could not unseal the database key",
-                                    cause=f"TPM2_Unseal: {exc}") from None
-            finally:
-                self.ectx.flush_context(session)
-                self.ectx.flush_context(handle)
-        finally:
-            self.ectx.flush_context(primary)
-        return SecretBytes(bytes(data))
-
-
-@contextmanager
-def _tpm(kind: TpmKind, settings: KeyvaultSettings, vault_dir: Path,
-         log: logging.Logger) -> Iterator[_Tpm]:
-    if kind == "device":
-        tpm = _Tpm("device", str(settings.tpm_device))
-        try:
-            yield tpm
-        finally:
-            tpm.close(shutdown=False)  # the OS owns a hardware TPM's power cycle
-        return
-    # The emulator is needed only for this one unseal: it is stopped as soon
-    # as the secret is out, so no TPM socket stays open while we serve.
-    with SwtpmProcess(vault_dir / "swtpm", log) as emulator:
-        tpm = _Tpm(*emulator.tcti)
-        try:
-            yield tpm
-        finally:
-            tpm.close(shutdown=True)
 
 
 # -- the one entry point ------------------------------------------------------------------
@@ -338,10 +188,10 @@ def _choose_tpm(settings: KeyvaultSettings, meta: dict[str, Any] | None) -> TpmK
     else:
         kind = "device" if mode == "device" else "swtpm"
         if sealed_by is not None and sealed_by != kind:
-            raise _sealed_error(f"this vault's key is sealed by the {sealed_by} TPM, but "
+            raise sealed_error(f"this vault's key is sealed by the {sealed_by} TPM, but "
                                 f"keyvault.tpm = {mode!r}")
     if kind == "device" and not settings.tpm_device.exists():
-        raise _sealed_error(f"the TPM device {settings.tpm_device} is not present"
+        raise sealed_error(f"the TPM device {settings.tpm_device} is not present"
                             + (" but this vault's key is sealed by it" if sealed_by else ""))
     return kind
 
@@ -357,12 +207,12 @@ def obtain_root_secret(settings: KeyvaultSettings, vault_dir: Path, log: logging
     meta_path = vault_dir / SEALED_FILE
     meta = _read_meta(meta_path)
     if meta is None and (vault_dir / DB_FILE).exists():
-        raise _sealed_error(f"{vault_dir / DB_FILE} exists but {meta_path} does not: the "
+        raise sealed_error(f"{vault_dir / DB_FILE} exists but {meta_path} does not: the "
                             "database key is gone and the vault cannot be opened")
 
     if settings.tpm in ("file", "stdin"):
         if meta is not None and meta["protection"] == "tpm":
-            raise _sealed_error(f"this vault's key is sealed by the {meta['tpm']} TPM; "
+            raise sealed_error(f"this vault's key is sealed by the {meta['tpm']} TPM; "
                                 f"keyvault.tpm = {settings.tpm!r} cannot open it")
         secret = _read_external(settings, stdin or sys.stdin, log)
         source = "key file" if settings.tpm == "file" else "standard input"
@@ -373,24 +223,24 @@ def obtain_root_secret(settings: KeyvaultSettings, vault_dir: Path, log: logging
                           time.perf_counter() - started)
 
     if meta is not None and meta["protection"] == "external":
-        raise _sealed_error("this vault's key is read from a file or stdin, not a TPM; set "
+        raise sealed_error("this vault's key is read from a file or stdin, not a TPM; set "
                             "keyvault.tpm to \"file\" or \"stdin\"")
     kind = _choose_tpm(settings, meta)
     auth = _read_auth(settings)
     if meta is not None and bool(meta.get("auth")) != (auth is not None):
-        raise _sealed_error(
+        raise sealed_error(
             "this vault's key was sealed with a TPM auth value; set keyvault.tpm_auth_file"
             if meta.get("auth") else
             "this vault's key was sealed without a TPM auth value, but "
             "keyvault.tpm_auth_file is set")
     if kind == "swtpm":
         _loud(log, _EMULATED_WARNING, "swtpm")
-    with _tpm(kind, settings, vault_dir, log) as tpm:
+    with open_tpm(kind, settings, vault_dir, log) as tpm:
         if meta is None:
             secret = SecretBytes(secrets.token_bytes(ROOT_SECRET_BYTES))
             public, private = tpm.seal(secret, auth)
             _write_meta(meta_path, {
-                "format": _FORMAT, "protection": "tpm", "tpm": kind, "parent": _PARENT,
+                "format": _FORMAT, "protection": "tpm", "tpm": kind, "parent": PARENT,
                 "auth": auth is not None,
                 "public": base64.b64encode(public).decode(),
                 "private": base64.b64encode(private).decode(),
@@ -399,12 +249,12 @@ def obtain_root_secret(settings: KeyvaultSettings, vault_dir: Path, log: logging
             # unsealed must fail now, before any key is stored under it.
             check = tpm.unseal(public, private, auth)
             if check != secret:
-                raise _sealed_error("the TPM returned a different secret than it sealed")
+                raise sealed_error("the TPM returned a different secret than it sealed")
         else:
             secret = tpm.unseal(base64.b64decode(meta["public"]),
                                 base64.b64decode(meta["private"]), auth)
     if len(secret) != ROOT_SECRET_BYTES:
-        raise _sealed_error("the unsealed database key has the wrong length")
+        raise sealed_error("the unsealed database key has the wrong length")
     return RootSecret(secret, kind, meta is None, time.perf_counter() - started)
 
 

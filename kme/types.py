@@ -10,24 +10,29 @@ from __future__ import annotations
 
 import base64
 import binascii
-import datetime
 import hmac
 import re
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import ClassVar, NewType, NoReturn
 
 from kme.errors import ErrorCode, KmstnError
 
 __all__ = [
     "Deadline",
+    "DueJobs",
     "Key",
     "KeyGrant",
     "NodeId",
+    "OutboxJob",
     "SaeId",
     "SecretBytes",
+    "StoreOutcome",
+    "VoidOutcome",
     "b64decode_strict",
+    "job_kind",
     "node_id",
     "parse_key_id",
     "sae_id",
@@ -61,6 +66,21 @@ def sae_id(value: object) -> SaeId:
 def node_id(value: object) -> NodeId:
     """Validate a KMSTN node ID (same character rules as SAE IDs)."""
     return NodeId(_check_id("node ID", value))
+
+
+# Outbox job kinds are short machine names chosen by the caller ("void",
+# "deliver"): they appear in logs and filters, never free text.
+_KIND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+def job_kind(value: object) -> str:
+    """Validate an outbox job kind (1-32 of a-z 0-9 _ -, a letter first)."""
+    if not isinstance(value, str) or not _KIND_RE.match(value):
+        shown = value if isinstance(value, str) and len(value) <= 40 else "<value>"
+        raise KmstnError(ErrorCode.INVALID_ARGUMENT,
+                         f"job kind must be 1-32 of a-z, 0-9, '_', '-' (a letter first), "
+                         f"got {shown!r}")
+    return value
 
 
 def parse_key_id(value: object) -> uuid.UUID:
@@ -229,15 +249,95 @@ class Deadline:
         return left
 
 
+# -- the keyvault's domain types ----------------------------------------------------
+#
+# One type per concept, shared by the callers (flows, relay), the keyvault
+# client, its servicer and its database layer. They are converted to and
+# from protobuf messages only in keyvault/convert.py (beside the servicer
+# and the client).
+
+
 @dataclass(frozen=True, slots=True)
 class KeyGrant:
-    """One key to keep in a keyvault, and who may take it (each named SAE once)."""
+    """One key kept in a keyvault, and who may take it.
+
+    ``upstream_node_id`` is the neighbouring KMSTN the key arrived from over
+    ETSI 020 (ext_keys or device_keys); ``None`` for a key made on this node.
+    The vault records it so that only that neighbour may void the key, and
+    so that a resend is recognised as the same key from the same place.
+    """
 
     key: Key
+    # The SAE that asked for the key (ETSI 014 master / ETSI 020 initiator).
     master_sae_id: str
+    # At least one; each may take the key once (ETSI 014 multicast).
     allowed_sae_ids: tuple[str, ...]
+    # The KMSTN where the key was first issued.
     origin_node_id: str
-    # The neighbour the key arrived from; None for a key made on this node.
     upstream_node_id: str | None = None
-    created_at: datetime.datetime | None = None  # default: now
-    expires_at: datetime.datetime | None = None  # default: now + keyvault.key_ttl_s
+    created_at: datetime | None = None  # None: now, filled in by the vault
+    expires_at: datetime | None = None  # None: now + keyvault.key_ttl_s
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOutcome:
+    """What one Store did with each key (request order within each group).
+
+    Every key of a successful Store is in exactly one group. All three mean
+    the key is (or was) in this vault exactly once, so an ETSI 020 receiver
+    answers ``relayed`` for each of them.
+    """
+
+    # Written by this call.
+    stored: tuple[uuid.UUID, ...]
+    # Already held with the same bytes, SAEs, origin and upstream (a resend).
+    already_held: tuple[uuid.UUID, ...] = ()
+    # Already taken by every SAE, and this is a byte-identical resend from the
+    # same upstream neighbour: accepted, not stored again, never re-deliverable.
+    already_delivered: tuple[uuid.UUID, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class VoidOutcome:
+    """ETSI GS QKD 020 5.2 ack statuses of one void, in request order."""
+
+    voided: tuple[uuid.UUID, ...]
+    failed_to_void: tuple[uuid.UUID, ...]
+    not_present: tuple[uuid.UUID, ...]
+    # Key bits discarded by this void (keys still waiting; for the metrics).
+    voided_bits: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxJob:
+    """A piece of pending work a service keeps in the keyvault's outbox.
+
+    The caller (the relay) chooses ``job_id``, so putting the same job twice
+    (a retried call) records it once. Jobs run at least once: whoever runs
+    them must make each attempt idempotent. ``payload`` is opaque to the
+    vault and may carry key material: it is encrypted at rest and held in a
+    SecretBytes.
+    """
+
+    job_id: uuid.UUID
+    # A short machine name: "void", "deliver", ...
+    kind: str
+    # The KMSTN the work is for.
+    destination_node_id: str
+    payload: SecretBytes
+    # After this the job is dropped by the expiry sweep (and logged).
+    expires_at: datetime
+    next_due_at: datetime | None = None  # None: due at once
+    attempts: int = 0  # set by the vault; reschedule adds one
+    created_at: datetime | None = None  # None: now, filled in by the vault
+
+
+@dataclass(frozen=True, slots=True)
+class DueJobs:
+    """An answer of ListDueJobs."""
+
+    # Due now, oldest first.
+    jobs: tuple[OutboxJob, ...]
+    # When the next job not in ``jobs`` falls due (possibly already: more
+    # were due than the limit); None when no other job is waiting.
+    next_due_at: datetime | None

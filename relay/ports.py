@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 
-from keyvault.client import KeyVaultClient, StoreItem
+from keyvault.client import KeyVaultClient
+from keyvault.convert import outcome_to_acks
 from kme.acks import acks_from_proto
 from kme.config import QkdLink
 from kme.errors import ErrorCode, KmstnError
 from kme.etsi014 import Status
 from kme.etsi020 import AckContainer
-from kme.flows import Job
 from kme.qkd import QkdDeviceClient, QkdDevices
-from kme.types import Key, KeyGrant, NodeId
+from kme.types import Key, KeyGrant, NodeId, OutboxJob
 from relay.hop import PeerPools
 from relay.hopkey import QKD_KEY_BITS
 from relay.qkdreserve import ReservedQkdKeys
@@ -22,38 +23,34 @@ __all__ = ["FlowDevices", "ReservingDevice", "VaultPort"]
 
 
 class VaultPort:
-    """The keyvault as the flows see it: keys, voids and durable jobs."""
+    """The keyvault as the flows see it: keys, voids, and the durable jobs (its outbox)."""
 
     def __init__(self, client: KeyVaultClient) -> None:
         self._client = client
-        self._jobs: dict[uuid.UUID, Job] = {}
 
     def store(self, grants: Sequence[KeyGrant]) -> None:
-        self._client.store([StoreItem(g.key, g.master_sae_id, g.allowed_sae_ids,
-                                      g.origin_node_id, g.created_at, g.expires_at)
-                            for g in grants])
+        self._client.store_keys(grants)
 
     def void(self, key_ids: Sequence[uuid.UUID], initiator_sae_id: str,
              target_sae_ids: Sequence[str], all_confirmation: bool = False,
              upstream: NodeId | None = None) -> list[AckContainer]:
-        return acks_from_proto(self._client.void(key_ids, initiator_sae_id, target_sae_ids,
-                                                 all_confirmation))
+        outcome = self._client.void_keys(key_ids, initiator_sae_id, target_sae_ids,
+                                         all_confirmation=all_confirmation,
+                                         upstream_node_id=upstream)
+        return acks_from_proto(outcome_to_acks(outcome, initiator_sae_id, target_sae_ids))
 
-    # Interim, until the keyvault's job table lands: jobs in memory.
-    def put(self, jobs: Sequence[Job]) -> None:
-        for j in jobs:
-            self._jobs[j.id] = j
+    def put(self, jobs: Sequence[OutboxJob]) -> None:
+        self._client.put_jobs(jobs)
 
     def done(self, job_id: uuid.UUID) -> None:
-        self._jobs.pop(job_id, None)
+        self._client.complete_job(job_id)
 
-    def retry_later(self, job_id: uuid.UUID, due_unix_ms: int, attempts: int) -> None:
-        pass
+    def retry_later(self, job_id: uuid.UUID, due: datetime) -> None:
+        self._client.reschedule_job(job_id, due)
 
-    def due(self, limit: int) -> list[Job]:
-        return list(self._jobs.values())[:limit]
-
-
+    def due(self, limit: int) -> tuple[list[OutboxJob], datetime | None]:
+        found = self._client.due_jobs(limit)
+        return list(found.jobs), found.next_due_at
 
 
 class ReservingDevice:

@@ -199,19 +199,21 @@ class Delivery:
                              cause=f"{exc.code.name}: {exc.public}") from None
 
     def _void_job(self, job: Job) -> None:
-        doc = json.loads(job.payload)
-        self.void_at(job.destination, tuple(uuid.UUID(k) for k in doc["key_ids"]),
+        doc = json.loads(job.payload.reveal())
+        self.void_at(NodeId(job.destination_node_id), tuple(uuid.UUID(k) for k in doc["key_ids"]),
                      doc["initiator"], tuple(doc["targets"]),
                      Deadline.after(self._ctx.relay_timeout))
 
     def _deliver_job(self, job: Job) -> None:
         p = _placement_of(job)
-        self.to_destination(p, job.destination, Deadline.after(self._ctx.relay_timeout))
+        self.to_destination(p, NodeId(job.destination_node_id),
+                            Deadline.after(self._ctx.relay_timeout))
 
     def _deliver_given_up(self, job: Job, exc: KmstnError) -> None:
         # The master already holds the keys, but this destination will never
         # get them: void whatever may have arrived there (rule 6.3).
-        self.void_everywhere(_placement_of(job), {job.destination: exc}, Deadline.after(0))
+        self.void_everywhere(_placement_of(job), {NodeId(job.destination_node_id): exc},
+                             Deadline.after(0))
 
 
 def check_relayed(acks: Sequence[AckContainer], key_ids: set[uuid.UUID]) -> None:
@@ -240,13 +242,13 @@ def _deliver_payload(p: Placement, dest: NodeId) -> bytes:
 
 
 def _placement_of(job: Job) -> Placement:
-    doc = json.loads(job.payload)
+    doc = json.loads(job.payload.reveal())
     size = int(doc["size_bits"])
     ids = tuple(parse_key_id(k) for k in doc["key_ids"])
-    by_dest = {job.destination: tuple(doc["targets"])}
+    dest = NodeId(job.destination_node_id)
+    by_dest = {dest: tuple(doc["targets"])}
     if "source_link" in doc:
-        return Placement(ids, size, doc["initiator"], by_dest, doc["source_link"],
-                         job.destination)
+        return Placement(ids, size, doc["initiator"], by_dest, doc["source_link"], dest)
     keys = tuple(Key(k, SecretBytes.from_b64(v), size)
                  for k, v in zip(ids, doc["values"], strict=True))
     return Placement(ids, size, doc["initiator"], by_dest, keys=keys)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
 from kme.config import QkdLink
 from kme.etsi014 import Status
 from kme.etsi020 import AckContainer, ExtKeyContainer, VoidContainer
 from kme.flows.messages import AckMessage, DeviceKeysNotice
-from kme.types import Deadline, Key, KeyGrant, NodeId
+from kme.types import Deadline, Key, KeyGrant, NodeId, OutboxJob
 
 __all__ = ["Device", "Devices", "Hop", "Job", "JobStore", "Outgoing", "RouteLike", "Routes",
            "Vault"]
@@ -50,18 +50,8 @@ class Vault(Protocol):
         """ETSI 020 void here; with ``upstream``, only keys that came from it."""
 
 
-@dataclass(frozen=True, slots=True)
-class Job:
-    """Work that must be done even if the relay restarts (a void, a delivery, an ack)."""
-
-    id: uuid.UUID
-    kind: str
-    destination: NodeId
-    # May hold key material (a concurrent delivery): never in a repr or a log.
-    payload: bytes = field(repr=False)
-    attempts: int = 0
-    due_unix_ms: int = 0
-    expires_unix_ms: int = 0
+# Pending work is the keyvault's outbox job: one type for the concept.
+Job = OutboxJob
 
 
 class JobStore(Protocol):
@@ -69,8 +59,9 @@ class JobStore(Protocol):
 
     def put(self, jobs: Sequence[Job]) -> None: ...
     def done(self, job_id: uuid.UUID) -> None: ...
-    def retry_later(self, job_id: uuid.UUID, due_unix_ms: int, attempts: int) -> None: ...
-    def due(self, limit: int) -> list[Job]: ...
+    def retry_later(self, job_id: uuid.UUID, due: datetime) -> None: ...
+    def due(self, limit: int) -> tuple[list[Job], datetime | None]:
+        """Jobs due now, oldest first, and when the next other one falls due."""
 
 
 class Device(Protocol):

@@ -158,8 +158,9 @@ class Receiver:
         acks: list[AckContainer] = []
         for dest, saes in by_dest.items():
             if dest == self._ctx.node:
+                # A neighbour may void only keys that came from it (issue 16).
                 acks += self._ctx.vault.void(v.key_ids, v.initiator_sae_id, saes,
-                                             v.all_confirmation)
+                                             v.all_confirmation, upstream=peer)
                 continue
             nxt = self._ctx.routes.route_to_node(dest).next_hop
             if nxt is None or nxt == peer:
@@ -227,7 +228,7 @@ class Receiver:
 
     def _ack_job(self, job: Job) -> None:
         url, acks = _ack_of(job)
-        self._ctx.hop.send(job.destination, AckMessage(tuple(acks), url), 1,
+        self._ctx.hop.send(NodeId(job.destination_node_id), AckMessage(tuple(acks), url), 1,
                            Deadline.after(self._ctx.relay_timeout))
 
     def _ack_given_up(self, job: Job, exc: KmstnError) -> None:
@@ -241,7 +242,7 @@ class Receiver:
                           0, Deadline.after(self._ctx.relay_timeout))
             except KmstnError as err:
                 self._ctx.log.error("void after a failed ack did not finish", extra={
-                    "peer": job.destination, "error": err.public,
+                    "peer": job.destination_node_id, "error": err.public,
                     "key_ids": [str(k) for k in a.key_ids]})
 
 
@@ -251,7 +252,7 @@ def _ack_payload(url: str, acks: Sequence[AckContainer]) -> bytes:
 
 
 def _ack_of(job: Job) -> tuple[str, list[AckContainer]]:
-    doc: dict[str, Any] = json.loads(job.payload)
+    doc: dict[str, Any] = json.loads(job.payload.reveal())
     return str(doc["url"]), etsi020.parse_acks(json.dumps(doc["acks"]).encode())
 
 

@@ -25,11 +25,12 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kme.errors import ErrorCode, KmstnError
 from kme.flows.ports import Job, JobStore
-from kme.types import NodeId
+from kme.types import NodeId, SecretBytes
 
 __all__ = ["TRANSIENT", "Jobs", "Retrier"]
 
@@ -134,6 +135,10 @@ JOB_DELAYS: tuple[float, ...] = (0.5, 1, 2, 4, 8, 16, 30)
 _JOB_TTL_S = 86_400.0
 
 
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
 Handler = Callable[[Job], None]
 GiveUp = Callable[[Job, KmstnError], None]
 
@@ -159,9 +164,10 @@ class Jobs:
 
     def new(self, kind: str, destination: NodeId, payload: bytes,
             not_before_unix_ms: int = 0) -> Job:
-        now = int(time.time() * 1000)
-        return Job(uuid.uuid4(), kind, destination, payload, 0,
-                   max(now, not_before_unix_ms), now + self._ttl_ms)
+        now = _now()
+        due = max(now, datetime.fromtimestamp(not_before_unix_ms / 1000, UTC))
+        return Job(uuid.uuid4(), kind, destination, SecretBytes(payload),
+                   now + timedelta(milliseconds=self._ttl_ms), due)
 
     def record(self, jobs: Sequence[Job]) -> None:
         """Make ``jobs`` durable (one keyvault transaction) without trying them yet."""
@@ -170,13 +176,14 @@ class Jobs:
 
     def start(self, jobs: Sequence[Job]) -> None:
         """Schedule recorded jobs: each runs at its due time, then again while it fails."""
-        now = time.time() * 1000
+        now = _now()
         for job in jobs:
             with self._lock:
-                if job.id in self._running:
+                if job.job_id in self._running:
                     continue
-                self._running.add(job.id)
-            delay = max(0.0, (job.due_unix_ms - now) / 1000)
+                self._running.add(job.job_id)
+            due = job.next_due_at or now
+            delay = max(0.0, (due - now).total_seconds())
             self._run_later(job, delay)
 
     def submit(self, jobs: Sequence[Job]) -> None:
@@ -184,21 +191,38 @@ class Jobs:
         self.start(jobs)
 
     def resume(self, page: int = 1000) -> int:
-        """At start: schedule every job a previous run left recorded."""
-        jobs = self._store.due(page)
+        """At start: schedule every job a previous run left recorded.
+
+        The keyvault lists the jobs due now and says when the next one falls
+        due; this runs again then, so a job a previous run postponed is not
+        forgotten either (jobs already scheduled here are skipped).
+        """
+        jobs, next_due = self._store.due(page)
         self.start(jobs)
         if jobs:
             self._log.info("pending work resumed", extra={
                 "jobs": len(jobs), "kinds": sorted({j.kind for j in jobs})})
+        if next_due is not None:
+            wait = max(0.05, (next_due - _now()).total_seconds())
+            self._retrier.submit(self._resume_later, {"job": "resume"}, delay=wait)
         return len(jobs)
 
+    def _resume_later(self) -> None:
+        try:
+            self.resume()
+        except KmstnError as exc:  # the keyvault is away: look again shortly
+            self._log.warning("could not list pending work", extra={
+                "error_code": exc.code.name, "error": exc.public})
+            self._retrier.submit(self._resume_later, {"job": "resume"}, delay=5.0)
+
     def _run_later(self, job: Job, delay: float) -> None:
-        about = {"job_id": str(job.id), "kind": job.kind, "destination": job.destination}
+        about = {"job_id": str(job.job_id), "kind": job.kind,
+                 "destination": job.destination_node_id}
         state = {"job": job}
 
         def attempt() -> None:
             current = state["job"]
-            if time.time() * 1000 > current.expires_unix_ms:
+            if _now() > current.expires_at:
                 raise KmstnError(ErrorCode.TIMEOUT, "pending work expired")
             handler, _ = self._kinds[current.kind]
             try:
@@ -207,9 +231,9 @@ class Jobs:
                 if exc.code in TRANSIENT:
                     attempts = current.attempts + 1
                     wait = self._delays[min(attempts, len(self._delays) - 1)]
-                    due = int(time.time() * 1000 + wait * 1000)
-                    self._record_retry(current, due, attempts)
-                    state["job"] = replace(current, attempts=attempts, due_unix_ms=due)
+                    due = _now() + timedelta(seconds=wait)
+                    self._record_retry(current, due)
+                    state["job"] = replace(current, attempts=attempts, next_due_at=due)
                     self._log.warning("pending work will be tried again", extra={
                         **about, "attempts": attempts, "error_code": exc.code.name,
                         "error": exc.public})
@@ -238,30 +262,30 @@ class Jobs:
             except Exception:
                 self._log.exception("pending work crashed", extra=about)
                 with self._lock:
-                    self._running.discard(job.id)
+                    self._running.discard(job.job_id)
 
         if delay <= 0:
             self._run(first)
         else:
             self._retrier.submit(first, about, delay=delay)
 
-    def _record_retry(self, job: Job, due: int, attempts: int) -> None:
+    def _record_retry(self, job: Job, due: datetime) -> None:
         try:
-            self._store.retry_later(job.id, due, attempts)
+            self._store.retry_later(job.job_id, due)
         except KmstnError as exc:  # the keyvault is away: the in-memory schedule goes on
             self._log.warning("could not record a retry", extra={
-                "job_id": str(job.id), "error_code": exc.code.name})
+                "job_id": str(job.job_id), "error_code": exc.code.name})
 
     def _finish(self, job: Job) -> None:
         try:
-            self._store.done(job.id)
+            self._store.done(job.job_id)
         except KmstnError as exc:
             # Still recorded: it runs once more after a restart, which is
             # harmless (voids, acks and resent ext_keys are idempotent).
             self._log.warning("could not delete finished work", extra={
-                "job_id": str(job.id), "error_code": exc.code.name})
+                "job_id": str(job.job_id), "error_code": exc.code.name})
         with self._lock:
-            self._running.discard(job.id)
+            self._running.discard(job.job_id)
 
     def pending(self) -> int:
         with self._lock:

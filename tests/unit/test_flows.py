@@ -11,6 +11,8 @@ tests/integration.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import logging
 import secrets
 import threading
@@ -154,16 +156,17 @@ class FakeJobs:
         self.jobs: dict[uuid.UUID, Job] = {}
 
     def put(self, jobs: Sequence[Job]) -> None:
-        self.jobs.update((j.id, j) for j in jobs)
+        self.jobs.update((j.job_id, j) for j in jobs)
 
     def done(self, job_id: uuid.UUID) -> None:
         self.jobs.pop(job_id, None)
 
-    def retry_later(self, job_id: uuid.UUID, due_unix_ms: int, attempts: int) -> None:
-        pass
+    def retry_later(self, job_id: uuid.UUID, due: datetime.datetime) -> None:
+        self.jobs[job_id] = dataclasses.replace(self.jobs[job_id], next_due_at=due,
+                                                attempts=self.jobs[job_id].attempts + 1)
 
-    def due(self, limit: int) -> list[Job]:
-        return list(self.jobs.values())[:limit]
+    def due(self, limit: int) -> tuple[list[Job], datetime.datetime | None]:
+        return list(self.jobs.values())[:limit], None
 
 
 @dataclass

@@ -14,13 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from keyvault.convert import grant_from_proto, outcome_to_acks, record_info_to_proto
 from keyvault.records import RecordCipher, derive_db_key
-from keyvault.service import (
-    KeyVaultService,
-    outcome_to_acks,
-    record_info_to_proto,
-    stored_key_to_record,
-)
+from keyvault.service import KeyVaultService
 from keyvault.store import RecordInfo, Vault, VoidOutcome
 from kme.errors import ErrorCode, KmstnError
 from kme.rpc.v1 import common_pb2, keyvault_pb2
@@ -41,18 +37,18 @@ def stored(**kw: Any) -> keyvault_pb2.StoredKey:
 
 def error_of(msg: keyvault_pb2.StoredKey) -> str:
     with pytest.raises(KmstnError) as err:
-        stored_key_to_record(msg, "keys[0]", NOW, 60)
+        grant_from_proto(msg, "keys[0]", NOW, 60)
     assert err.value.code is ErrorCode.INVALID_ARGUMENT
     return err.value.public
 
 
 def test_defaults_and_times() -> None:
-    rec = stored_key_to_record(stored(), "keys[0]", NOW, 60)
+    rec = grant_from_proto(stored(), "keys[0]", NOW, 60)
     assert (rec.created_at, rec.expires_at) == (NOW, NOW + dt.timedelta(seconds=60))
     msg = stored()
     msg.created_at.FromDatetime(NOW - dt.timedelta(days=1))
     msg.expires_at.FromDatetime(NOW + dt.timedelta(days=1))
-    rec = stored_key_to_record(msg, "keys[0]", NOW, 60)
+    rec = grant_from_proto(msg, "keys[0]", NOW, 60)
     assert rec.created_at == NOW - dt.timedelta(days=1)
     assert rec.expires_at == NOW + dt.timedelta(days=1)
 
@@ -81,8 +77,8 @@ def test_validation_names_the_field() -> None:
     backwards.expires_at.FromDatetime(NOW + dt.timedelta(hours=1))
     assert "after created_at" in error_of(backwards)
     # Upper-case UUIDs are the same key (RFC 9562 allows either case).
-    rec = stored_key_to_record(stored(key=km(key_id=kid.upper(), value=b"\0", size_bits=8)),
-                               "keys[0]", NOW, 60)
+    rec = grant_from_proto(stored(key=km(key_id=kid.upper(), value=b"\0", size_bits=8)),
+                           "keys[0]", NOW, 60)
     assert str(rec.key.key_id) == kid
 
 
@@ -93,7 +89,7 @@ def test_any_size_with_zero_pad_bits_round_trips(bits: int, data: st.DataObject)
         value[-1] &= 0xFF << (8 - bits % 8) & 0xFF
     msg = stored(key=common_pb2.KeyMaterial(key_id=str(uuid.uuid4()), value=bytes(value),
                                             size_bits=bits))
-    rec = stored_key_to_record(msg, "keys[0]", NOW, 60)
+    rec = grant_from_proto(msg, "keys[0]", NOW, 60)
     assert rec.key.material.reveal() == bytes(value) and rec.key.size_bits == bits
 
 
@@ -187,3 +183,102 @@ def test_servicer_wait_is_bounded_by_the_deadline(service: KeyVaultService) -> N
     with pytest.raises(KmstnError) as err:
         service.Take(req, FakeContext())  # type: ignore[arg-type]
     assert err.value.code is ErrorCode.INVALID_ARGUMENT and "wait_ms" in err.value.public
+
+
+def job_msg(**kw: Any) -> keyvault_pb2.OutboxJob:
+    fields: dict[str, Any] = {"job_id": str(uuid.uuid4()), "kind": "deliver",
+                              "destination_node_id": "C", "payload": b"work"}
+    fields.update(kw)
+    msg = keyvault_pb2.OutboxJob(**fields)
+    if "expires_at" not in kw:
+        msg.expires_at.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
+    return msg
+
+
+def test_servicer_reports_each_key_and_records_jobs(service: KeyVaultService) -> None:
+    ctx: Any = FakeContext()
+    a, b = stored(upstream_node_id="B"), stored(upstream_node_id="B")
+    j = job_msg()
+    first = service.Store(keyvault_pb2.StoreRequest(keys=[a, b], jobs=[j]), ctx)
+    assert (first.stored, list(first.stored_key_ids)) == (2, [a.key.key_id, b.key.key_id])
+    service.Take(keyvault_pb2.TakeRequest(sae_id="s", master_sae_id="m", key_ids=[b.key.key_id]),
+                 ctx)
+    again = service.Store(keyvault_pb2.StoreRequest(keys=[a, b], jobs=[j]), ctx)
+    assert (again.stored, list(again.stored_key_ids)) == (0, [])
+    assert list(again.already_held_key_ids) == [a.key.key_id]
+    assert list(again.already_delivered_key_ids) == [b.key.key_id]
+    due = service.ListDueJobs(keyvault_pb2.ListDueJobsRequest(), ctx)
+    assert [(x.job_id, x.payload) for x in due.jobs] == [(j.job_id, b"work")]
+    assert not due.HasField("next_due_at")
+    resched = keyvault_pb2.RescheduleJobRequest(job_id=j.job_id)
+    resched.next_due_at.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5))
+    assert service.RescheduleJob(resched, ctx).attempts == 1
+    due = service.ListDueJobs(keyvault_pb2.ListDueJobsRequest(kind="deliver"), ctx)
+    assert list(due.jobs) == [] and due.HasField("next_due_at")
+    done = keyvault_pb2.CompleteJobRequest(job_id=j.job_id)
+    assert service.CompleteJob(done, ctx).completed is True
+    assert service.CompleteJob(done, ctx).completed is False
+    assert service.RescheduleJob(resched, ctx).found is False
+
+
+def test_servicer_void_by_a_neighbour(service: KeyVaultService) -> None:
+    ctx: Any = FakeContext()
+    theirs = stored(upstream_node_id="C")
+    service.Store(keyvault_pb2.StoreRequest(keys=[theirs]), ctx)
+    req = keyvault_pb2.VoidRequest(key_ids=[theirs.key.key_id], initiator_sae_id="m",
+                                   target_sae_ids=["s"], upstream_node_id="B",
+                                   jobs=[job_msg(kind="void")])
+    with pytest.raises(KmstnError) as err:
+        service.Void(req, ctx)
+    assert err.value.code is ErrorCode.PERMISSION_DENIED
+    assert list(service.ListDueJobs(keyvault_pb2.ListDueJobsRequest(), ctx).jobs) == []
+    req.upstream_node_id = "C"
+    acks = service.Void(req, ctx).acks
+    assert [a.status for a in acks] == [common_pb2.ACK_STATUS_VOIDED]
+    assert len(service.ListDueJobs(keyvault_pb2.ListDueJobsRequest(), ctx).jobs) == 1
+
+
+def test_servicer_outbox_validation_names_the_field(service: KeyVaultService) -> None:
+    ctx: Any = FakeContext()
+    past = job_msg()
+    past.expires_at.FromDatetime(dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+    cases: list[tuple[keyvault_pb2.OutboxJob, str]] = [
+        (job_msg(job_id="nope"), "jobs[0].job_id"),
+        (job_msg(kind="Deliver"), "jobs[0].kind"),
+        (job_msg(kind=""), "jobs[0].kind"),
+        (job_msg(destination_node_id="a/b"), "jobs[0].destination_node_id"),
+        (job_msg(payload=b"\0" * (6 * 1024 * 1024 + 1)), "jobs[0].payload"),
+        (keyvault_pb2.OutboxJob(job_id=str(uuid.uuid4()), kind="void",
+                                destination_node_id="C"), "jobs[0].expires_at"),
+        (past, "in the past"),
+    ]
+    for msg, named in cases:
+        with pytest.raises(KmstnError) as err:
+            service.PutJobs(keyvault_pb2.PutJobsRequest(jobs=[msg]), ctx)
+        assert err.value.code is ErrorCode.INVALID_ARGUMENT and named in err.value.public
+    bad_requests: list[tuple[Any, Any, str]] = [
+        (service.PutJobs, keyvault_pb2.PutJobsRequest(), "at least one"),
+        (service.PutJobs, keyvault_pb2.PutJobsRequest(jobs=[job_msg() for _ in range(257)]),
+         "at most 256"),
+        (service.Store, keyvault_pb2.StoreRequest(keys=[stored()], jobs=[job_msg(kind="?")]),
+         "jobs[0].kind"),
+        (service.Store, keyvault_pb2.StoreRequest(keys=[stored(upstream_node_id="a b")]),
+         "keys[0].upstream_node_id"),
+        (service.Void, keyvault_pb2.VoidRequest(key_ids=[str(uuid.uuid4())],
+                                                initiator_sae_id="m", target_sae_ids=["s"],
+                                                upstream_node_id="#"), "upstream_node_id"),
+        (service.CompleteJob, keyvault_pb2.CompleteJobRequest(job_id="x"), "job_id"),
+        (service.RescheduleJob, keyvault_pb2.RescheduleJobRequest(job_id=str(uuid.uuid4())),
+         "next_due_at"),
+        (service.ListDueJobs, keyvault_pb2.ListDueJobsRequest(limit=1001), "limit"),
+        (service.ListDueJobs, keyvault_pb2.ListDueJobsRequest(kind="A"), "kind"),
+        (service.ListDueJobs, keyvault_pb2.ListDueJobsRequest(lease_ms=3_600_001), "lease_ms"),
+    ]
+    for method, request, named in bad_requests:
+        with pytest.raises(KmstnError) as err:
+            method(request, ctx)
+        assert err.value.code is ErrorCode.INVALID_ARGUMENT, named
+        assert named in err.value.public, (named, err.value.public)
+    # Nothing of the refused calls was recorded.
+    assert list(service.ListDueJobs(keyvault_pb2.ListDueJobsRequest(), ctx).jobs) == []
+    assert service.Status(keyvault_pb2.StatusRequest(), ctx).total_keys == 0

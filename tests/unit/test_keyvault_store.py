@@ -8,27 +8,17 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlcipher3
 
 from keyvault.records import RecordCipher, derive_db_key
-from keyvault.store import NewRecord, Sweeper, Vault
+from keyvault.store import Sweeper, Vault
 from kme.errors import ErrorCode, KmstnError
-from kme.types import Key, SecretBytes
-
-ROOT = SecretBytes(os.urandom(32))
-T0 = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
+from kme.types import Key, KeyGrant, SecretBytes
+from tests.unit.vaultkit import ROOT, T0, Clock, code_of, key, open_vault, rec
 
 
 @pytest.fixture
@@ -36,34 +26,11 @@ def clock() -> Clock:
     return Clock()
 
 
-def open_vault(path: Path, clock: Clock, root: SecretBytes = ROOT,
-               tombstone_ttl_s: float = 3600) -> Vault:
-    return Vault.open(path, derive_db_key(root), RecordCipher.from_root(root),
-                      tombstone_ttl_s=tombstone_ttl_s, clock=clock)
-
-
 @pytest.fixture
 def vault(tmp_path: Path, clock: Clock) -> Iterator[Vault]:
     v = open_vault(tmp_path / "vault.db", clock)
     yield v
     v.close()
-
-
-def key(bits: int = 256) -> Key:
-    return Key(uuid.uuid4(), SecretBytes(os.urandom((bits + 7) // 8)), bits)
-
-
-def rec(k: Key, master: str = "m", allowed: Sequence[str] = ("s",), origin: str = "A",
-        ttl: float = 600, created: float = T0) -> NewRecord:
-    c = dt.datetime.fromtimestamp(created, dt.UTC)
-    return NewRecord(k, master, tuple(allowed), origin, c,
-                     dt.datetime.fromtimestamp(T0 + ttl, dt.UTC))
-
-
-def code_of(fn: object, *args: object, **kwargs: object) -> ErrorCode:
-    with pytest.raises(KmstnError) as err:
-        fn(*args, **kwargs)  # type: ignore[operator]
-    return err.value.code
 
 
 def test_store_take_once(vault: Vault) -> None:
@@ -299,8 +266,10 @@ def test_sweeper_thread_expires_keys_when_due(tmp_path: Path) -> None:
         now = dt.datetime.now(dt.UTC)
         keep, drop = key(), key()
         # The sweeper sleeps until the hour-long key; the store must wake it.
-        v.store([NewRecord(keep, "m", ("s",), "A", now, now + dt.timedelta(hours=1))])
-        v.store([NewRecord(drop, "m", ("s",), "A", now, now + dt.timedelta(seconds=0.3))])
+        v.store([KeyGrant(keep, "m", ("s",), "A", created_at=now,
+                          expires_at=now + dt.timedelta(hours=1))])
+        v.store([KeyGrant(drop, "m", ("s",), "A", created_at=now,
+                          expires_at=now + dt.timedelta(seconds=0.3))])
         # Watch the table itself: take and status already hide due keys.
         conn = sqlcipher3.connect(str(tmp_path / "vault.db"))
         conn.execute(f"PRAGMA key = \"x'{derive_db_key(ROOT).reveal().hex()}'\"")

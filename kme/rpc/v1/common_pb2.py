@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kme/rpc/v1/common.proto\x12\nkme.rpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"?\n\x0bKeyMaterial\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x11\n\tsize_bits\x18\x03 \x01(\r\"\x89\x01\n\x0c\x41\x63kContainer\x12\x0f\n\x07key_ids\x18\x01 \x03(\t\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.kme.rpc.v1.AckStatus\x12\x18\n\x10initiator_sae_id\x18\x03 \x01(\t\x12\x16\n\x0etarget_sae_ids\x18\x04 \x03(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"\xf4\x01\n\rKeyRecordInfo\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\tsize_bits\x18\x02 \x01(\r\x12\x15\n\rmaster_sae_id\x18\x03 \x01(\t\x12\x17\n\x0f\x61llowed_sae_ids\x18\x04 \x03(\t\x12\x18\n\x10taken_by_sae_ids\x18\x05 \x03(\t\x12\x16\n\x0eorigin_node_id\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*_\n\x08LinkKind\x12\x19\n\x15LINK_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rLINK_KIND_QKD\x10\x01\x12\x11\n\rLINK_KIND_PQC\x10\x02\x12\x12\n\x0eLINK_KIND_SITE\x10\x03*\xac\x01\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x43K_STATUS_RELAYED\x10\x01\x12\x15\n\x11\x41\x43K_STATUS_FAILED\x10\x02\x12\x15\n\x11\x41\x43K_STATUS_VOIDED\x10\x03\x12\x1d\n\x19\x41\x43K_STATUS_FAILED_TO_VOID\x10\x04\x12\x1e\n\x1a\x41\x43K_STATUS_KEY_NOT_PRESENT\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kme/rpc/v1/common.proto\x12\nkme.rpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"?\n\x0bKeyMaterial\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x11\n\tsize_bits\x18\x03 \x01(\r\"\x89\x01\n\x0c\x41\x63kContainer\x12\x0f\n\x07key_ids\x18\x01 \x03(\t\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.kme.rpc.v1.AckStatus\x12\x18\n\x10initiator_sae_id\x18\x03 \x01(\t\x12\x16\n\x0etarget_sae_ids\x18\x04 \x03(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"\x8e\x02\n\rKeyRecordInfo\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\tsize_bits\x18\x02 \x01(\r\x12\x15\n\rmaster_sae_id\x18\x03 \x01(\t\x12\x17\n\x0f\x61llowed_sae_ids\x18\x04 \x03(\t\x12\x18\n\x10taken_by_sae_ids\x18\x05 \x03(\t\x12\x16\n\x0eorigin_node_id\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10upstream_node_id\x18\t \x01(\t*_\n\x08LinkKind\x12\x19\n\x15LINK_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rLINK_KIND_QKD\x10\x01\x12\x11\n\rLINK_KIND_PQC\x10\x02\x12\x12\n\x0eLINK_KIND_SITE\x10\x03*\xac\x01\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x43K_STATUS_RELAYED\x10\x01\x12\x15\n\x11\x41\x43K_STATUS_FAILED\x10\x02\x12\x15\n\x11\x41\x43K_STATUS_VOIDED\x10\x03\x12\x1d\n\x19\x41\x43K_STATUS_FAILED_TO_VOID\x10\x04\x12\x1e\n\x1a\x41\x43K_STATUS_KEY_NOT_PRESENT\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kme.rpc.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LINKKIND']._serialized_start=524
-  _globals['_LINKKIND']._serialized_end=619
-  _globals['_ACKSTATUS']._serialized_start=622
-  _globals['_ACKSTATUS']._serialized_end=794
+  _globals['_LINKKIND']._serialized_start=550
+  _globals['_LINKKIND']._serialized_end=645
+  _globals['_ACKSTATUS']._serialized_start=648
+  _globals['_ACKSTATUS']._serialized_end=820
   _globals['_KEYMATERIAL']._serialized_start=72
   _globals['_KEYMATERIAL']._serialized_end=135
   _globals['_ACKCONTAINER']._serialized_start=138
   _globals['_ACKCONTAINER']._serialized_end=275
   _globals['_KEYRECORDINFO']._serialized_start=278
-  _globals['_KEYRECORDINFO']._serialized_end=522
+  _globals['_KEYRECORDINFO']._serialized_end=548
 # @@protoc_insertion_point(module_scope)

@@ -176,12 +176,15 @@ class KeyRecordInfo(_message.Message):
     ORIGIN_NODE_ID_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    UPSTREAM_NODE_ID_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     size_bits: _builtins.int
     master_sae_id: _builtins.str
     """The SAE that asked for the key (ETSI 014 master, ETSI 020 initiator)."""
     origin_node_id: _builtins.str
     """The KMSTN where the key was first issued."""
+    upstream_node_id: _builtins.str
+    """The neighbouring KMSTN the key arrived from; empty for a key made here."""
     @_builtins.property
     def allowed_sae_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The SAEs allowed to take the key, each at most once."""
@@ -205,10 +208,11 @@ class KeyRecordInfo(_message.Message):
         origin_node_id: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        upstream_node_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_sae_ids", b"allowed_sae_ids", "created_at", b"created_at", "expires_at", b"expires_at", "key_id", b"key_id", "master_sae_id", b"master_sae_id", "origin_node_id", b"origin_node_id", "size_bits", b"size_bits", "taken_by_sae_ids", b"taken_by_sae_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_sae_ids", b"allowed_sae_ids", "created_at", b"created_at", "expires_at", b"expires_at", "key_id", b"key_id", "master_sae_id", b"master_sae_id", "origin_node_id", b"origin_node_id", "size_bits", b"size_bits", "taken_by_sae_ids", b"taken_by_sae_ids", "upstream_node_id", b"upstream_node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from kme.rpc.v1 import common_pb2 as kme_dot_rpc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kme/rpc/v1/keyvault.proto\x12\nkme.rpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17kme/rpc/v1/common.proto\"\xd9\x01\n\tStoredKey\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.kme.rpc.v1.KeyMaterial\x12\x15\n\rmaster_sae_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61llowed_sae_ids\x18\x03 \x03(\t\x12\x16\n\x0eorigin_node_id\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"3\n\x0cStoreRequest\x12#\n\x04keys\x18\x01 \x03(\x0b\x32\x15.kme.rpc.v1.StoredKey\"\x1f\n\rStoreResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\"V\n\x0bTakeRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x15\n\rmaster_sae_id\x18\x02 \x01(\t\x12\x0f\n\x07key_ids\x18\x03 \x03(\t\x12\x0f\n\x07wait_ms\x18\x04 \x01(\r\"5\n\x0cTakeResponse\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.kme.rpc.v1.KeyMaterial\"F\n\x0cHoldsRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x15\n\rmaster_sae_id\x18\x02 \x01(\t\x12\x0f\n\x07key_ids\x18\x03 \x03(\t\" \n\rHoldsResponse\x12\x0f\n\x07key_ids\x18\x01 \x03(\t\"<\n\rStatusRequest\x12\x15\n\rmaster_sae_id\x18\x01 \x01(\t\x12\x14\n\x0cslave_sae_id\x18\x02 \x01(\t\"G\n\tPairCount\x12\x15\n\rmaster_sae_id\x18\x01 \x01(\t\x12\x14\n\x0cslave_sae_id\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"J\n\x0eStatusResponse\x12$\n\x05pairs\x18\x01 \x03(\x0b\x32\x15.kme.rpc.v1.PairCount\x12\x12\n\ntotal_keys\x18\x02 \x01(\x04\"j\n\x0bVoidRequest\x12\x0f\n\x07key_ids\x18\x01 \x03(\t\x12\x18\n\x10initiator_sae_id\x18\x02 \x01(\t\x12\x16\n\x0etarget_sae_ids\x18\x03 \x03(\t\x12\x18\n\x10\x61ll_confirmation\x18\x04 \x01(\x08\"6\n\x0cVoidResponse\x12&\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x18.kme.rpc.v1.AckContainer\"3\n\x12ListPendingRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x0e\n\x06sae_id\x18\x02 \x01(\t\">\n\x13ListPendingResponse\x12\'\n\x04keys\x18\x01 \x03(\x0b\x32\x19.kme.rpc.v1.KeyRecordInfo2\x8d\x03\n\x08KeyVault\x12<\n\x05Store\x12\x18.kme.rpc.v1.StoreRequest\x1a\x19.kme.rpc.v1.StoreResponse\x12\x39\n\x04Take\x12\x17.kme.rpc.v1.TakeRequest\x1a\x18.kme.rpc.v1.TakeResponse\x12<\n\x05Holds\x12\x18.kme.rpc.v1.HoldsRequest\x1a\x19.kme.rpc.v1.HoldsResponse\x12?\n\x06Status\x12\x19.kme.rpc.v1.StatusRequest\x1a\x1a.kme.rpc.v1.StatusResponse\x12\x39\n\x04Void\x12\x17.kme.rpc.v1.VoidRequest\x1a\x18.kme.rpc.v1.VoidResponse\x12N\n\x0bListPending\x12\x1e.kme.rpc.v1.ListPendingRequest\x1a\x1f.kme.rpc.v1.ListPendingResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kme/rpc/v1/keyvault.proto\x12\nkme.rpc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17kme/rpc/v1/common.proto\"\xf3\x01\n\tStoredKey\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.kme.rpc.v1.KeyMaterial\x12\x15\n\rmaster_sae_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61llowed_sae_ids\x18\x03 \x03(\t\x12\x16\n\x0eorigin_node_id\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10upstream_node_id\x18\x07 \x01(\t\"X\n\x0cStoreRequest\x12#\n\x04keys\x18\x01 \x03(\x0b\x32\x15.kme.rpc.v1.StoredKey\x12#\n\x04jobs\x18\x02 \x03(\x0b\x32\x15.kme.rpc.v1.OutboxJob\"x\n\rStoreResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x16\n\x0estored_key_ids\x18\x02 \x03(\t\x12\x1c\n\x14\x61lready_held_key_ids\x18\x03 \x03(\t\x12!\n\x19\x61lready_delivered_key_ids\x18\x04 \x03(\t\"V\n\x0bTakeRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x15\n\rmaster_sae_id\x18\x02 \x01(\t\x12\x0f\n\x07key_ids\x18\x03 \x03(\t\x12\x0f\n\x07wait_ms\x18\x04 \x01(\r\"5\n\x0cTakeResponse\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.kme.rpc.v1.KeyMaterial\"F\n\x0cHoldsRequest\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x15\n\rmaster_sae_id\x18\x02 \x01(\t\x12\x0f\n\x07key_ids\x18\x03 \x03(\t\" \n\rHoldsResponse\x12\x0f\n\x07key_ids\x18\x01 \x03(\t\"<\n\rStatusRequest\x12\x15\n\rmaster_sae_id\x18\x01 \x01(\t\x12\x14\n\x0cslave_sae_id\x18\x02 \x01(\t\"G\n\tPairCount\x12\x15\n\rmaster_sae_id\x18\x01 \x01(\t\x12\x14\n\x0cslave_sae_id\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"J\n\x0eStatusResponse\x12$\n\x05pairs\x18\x01 \x03(\x0b\x32\x15.kme.rpc.v1.PairCount\x12\x12\n\ntotal_keys\x18\x02 \x01(\x04\"\xa9\x01\n\x0bVoidRequest\x12\x0f\n\x07key_ids\x18\x01 \x03(\t\x12\x18\n\x10initiator_sae_id\x18\x02 \x01(\t\x12\x16\n\x0etarget_sae_ids\x18\x03 \x03(\t\x12\x18\n\x10\x61ll_confirmation\x18\x04 \x01(\x08\x12\x18\n\x10upstream_node_id\x18\x05 \x01(\t\x12#\n\x04jobs\x18\x06 \x03(\x0b\x32\x15.kme.rpc.v1.OutboxJob\"6\n\x0cVoidResponse\x12&\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x18.kme.rpc.v1.AckContainer\"3\n\x12ListPendingRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x0e\n\x06sae_id\x18\x02 \x01(\t\">\n\x13ListPendingResponse\x12\'\n\x04keys\x18\x01 \x03(\x0b\x32\x19.kme.rpc.v1.KeyRecordInfo\"\xfa\x01\n\tOutboxJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x1b\n\x13\x64\x65stination_node_id\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\x12/\n\x0bnext_due_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"5\n\x0ePutJobsRequest\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.kme.rpc.v1.OutboxJob\"#\n\x0fPutJobsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\r\"$\n\x12\x43ompleteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"(\n\x13\x43ompleteJobResponse\x12\x11\n\tcompleted\x18\x01 \x01(\x08\"W\n\x14RescheduleJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12/\n\x0bnext_due_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"8\n\x15RescheduleJobResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\r\"C\n\x12ListDueJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\"k\n\x13ListDueJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.kme.rpc.v1.OutboxJob\x12/\n\x0bnext_due_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xc7\x05\n\x08KeyVault\x12<\n\x05Store\x12\x18.kme.rpc.v1.StoreRequest\x1a\x19.kme.rpc.v1.StoreResponse\x12\x39\n\x04Take\x12\x17.kme.rpc.v1.TakeRequest\x1a\x18.kme.rpc.v1.TakeResponse\x12<\n\x05Holds\x12\x18.kme.rpc.v1.HoldsRequest\x1a\x19.kme.rpc.v1.HoldsResponse\x12?\n\x06Status\x12\x19.kme.rpc.v1.StatusRequest\x1a\x1a.kme.rpc.v1.StatusResponse\x12\x39\n\x04Void\x12\x17.kme.rpc.v1.VoidRequest\x1a\x18.kme.rpc.v1.VoidResponse\x12N\n\x0bListPending\x12\x1e.kme.rpc.v1.ListPendingRequest\x1a\x1f.kme.rpc.v1.ListPendingResponse\x12\x42\n\x07PutJobs\x12\x1a.kme.rpc.v1.PutJobsRequest\x1a\x1b.kme.rpc.v1.PutJobsResponse\x12N\n\x0b\x43ompleteJob\x12\x1e.kme.rpc.v1.CompleteJobRequest\x1a\x1f.kme.rpc.v1.CompleteJobResponse\x12T\n\rRescheduleJob\x12 .kme.rpc.v1.RescheduleJobRequest\x1a!.kme.rpc.v1.RescheduleJobResponse\x12N\n\x0bListDueJobs\x12\x1e.kme.rpc.v1.ListDueJobsRequest\x1a\x1f.kme.rpc.v1.ListDueJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,33 +34,51 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kme.rpc.v1.keyvault_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STOREDKEY']._serialized_start=100
-  _globals['_STOREDKEY']._serialized_end=317
-  _globals['_STOREREQUEST']._serialized_start=319
-  _globals['_STOREREQUEST']._serialized_end=370
-  _globals['_STORERESPONSE']._serialized_start=372
-  _globals['_STORERESPONSE']._serialized_end=403
-  _globals['_TAKEREQUEST']._serialized_start=405
-  _globals['_TAKEREQUEST']._serialized_end=491
-  _globals['_TAKERESPONSE']._serialized_start=493
-  _globals['_TAKERESPONSE']._serialized_end=546
-  _globals['_HOLDSREQUEST']._serialized_start=548
-  _globals['_HOLDSREQUEST']._serialized_end=618
-  _globals['_HOLDSRESPONSE']._serialized_start=620
-  _globals['_HOLDSRESPONSE']._serialized_end=652
-  _globals['_STATUSREQUEST']._serialized_start=654
-  _globals['_STATUSREQUEST']._serialized_end=714
-  _globals['_PAIRCOUNT']._serialized_start=716
-  _globals['_PAIRCOUNT']._serialized_end=787
-  _globals['_STATUSRESPONSE']._serialized_start=789
-  _globals['_STATUSRESPONSE']._serialized_end=863
-  _globals['_VOIDREQUEST']._serialized_start=865
-  _globals['_VOIDREQUEST']._serialized_end=971
-  _globals['_VOIDRESPONSE']._serialized_start=973
-  _globals['_VOIDRESPONSE']._serialized_end=1027
-  _globals['_LISTPENDINGREQUEST']._serialized_start=1029
-  _globals['_LISTPENDINGREQUEST']._serialized_end=1080
-  _globals['_LISTPENDINGRESPONSE']._serialized_start=1082
-  _globals['_LISTPENDINGRESPONSE']._serialized_end=1144
-  _globals['_KEYVAULT']._serialized_start=1147
-  _globals['_KEYVAULT']._serialized_end=1544
+  _globals['_STOREDKEY']._serialized_end=343
+  _globals['_STOREREQUEST']._serialized_start=345
+  _globals['_STOREREQUEST']._serialized_end=433
+  _globals['_STORERESPONSE']._serialized_start=435
+  _globals['_STORERESPONSE']._serialized_end=555
+  _globals['_TAKEREQUEST']._serialized_start=557
+  _globals['_TAKEREQUEST']._serialized_end=643
+  _globals['_TAKERESPONSE']._serialized_start=645
+  _globals['_TAKERESPONSE']._serialized_end=698
+  _globals['_HOLDSREQUEST']._serialized_start=700
+  _globals['_HOLDSREQUEST']._serialized_end=770
+  _globals['_HOLDSRESPONSE']._serialized_start=772
+  _globals['_HOLDSRESPONSE']._serialized_end=804
+  _globals['_STATUSREQUEST']._serialized_start=806
+  _globals['_STATUSREQUEST']._serialized_end=866
+  _globals['_PAIRCOUNT']._serialized_start=868
+  _globals['_PAIRCOUNT']._serialized_end=939
+  _globals['_STATUSRESPONSE']._serialized_start=941
+  _globals['_STATUSRESPONSE']._serialized_end=1015
+  _globals['_VOIDREQUEST']._serialized_start=1018
+  _globals['_VOIDREQUEST']._serialized_end=1187
+  _globals['_VOIDRESPONSE']._serialized_start=1189
+  _globals['_VOIDRESPONSE']._serialized_end=1243
+  _globals['_LISTPENDINGREQUEST']._serialized_start=1245
+  _globals['_LISTPENDINGREQUEST']._serialized_end=1296
+  _globals['_LISTPENDINGRESPONSE']._serialized_start=1298
+  _globals['_LISTPENDINGRESPONSE']._serialized_end=1360
+  _globals['_OUTBOXJOB']._serialized_start=1363
+  _globals['_OUTBOXJOB']._serialized_end=1613
+  _globals['_PUTJOBSREQUEST']._serialized_start=1615
+  _globals['_PUTJOBSREQUEST']._serialized_end=1668
+  _globals['_PUTJOBSRESPONSE']._serialized_start=1670
+  _globals['_PUTJOBSRESPONSE']._serialized_end=1705
+  _globals['_COMPLETEJOBREQUEST']._serialized_start=1707
+  _globals['_COMPLETEJOBREQUEST']._serialized_end=1743
+  _globals['_COMPLETEJOBRESPONSE']._serialized_start=1745
+  _globals['_COMPLETEJOBRESPONSE']._serialized_end=1785
+  _globals['_RESCHEDULEJOBREQUEST']._serialized_start=1787
+  _globals['_RESCHEDULEJOBREQUEST']._serialized_end=1874
+  _globals['_RESCHEDULEJOBRESPONSE']._serialized_start=1876
+  _globals['_RESCHEDULEJOBRESPONSE']._serialized_end=1932
+  _globals['_LISTDUEJOBSREQUEST']._serialized_start=1934
+  _globals['_LISTDUEJOBSREQUEST']._serialized_end=2001
+  _globals['_LISTDUEJOBSRESPONSE']._serialized_start=2003
+  _globals['_LISTDUEJOBSRESPONSE']._serialized_end=2110
+  _globals['_KEYVAULT']._serialized_start=2113
+  _globals['_KEYVAULT']._serialized_end=2824
 # @@protoc_insertion_point(module_scope)

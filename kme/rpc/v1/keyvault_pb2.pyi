@@ -35,10 +35,15 @@ class StoredKey(_message.Message):
     ORIGIN_NODE_ID_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    UPSTREAM_NODE_ID_FIELD_NUMBER: _builtins.int
     master_sae_id: _builtins.str
     """The SAE that asked for the key (ETSI 014 master / 020 initiator)."""
     origin_node_id: _builtins.str
     """The KMSTN where the key was first issued."""
+    upstream_node_id: _builtins.str
+    """The neighbouring KMSTN the key arrived from (ETSI 020); empty for a key
+    made on this node. Only that neighbour may void the key.
+    """
     @_builtins.property
     def key(self) -> _common_pb2.KeyMaterial: ...
     @_builtins.property
@@ -62,10 +67,11 @@ class StoredKey(_message.Message):
         origin_node_id: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        upstream_node_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_sae_ids", b"allowed_sae_ids", "created_at", b"created_at", "expires_at", b"expires_at", "key", b"key", "master_sae_id", b"master_sae_id", "origin_node_id", b"origin_node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_sae_ids", b"allowed_sae_ids", "created_at", b"created_at", "expires_at", b"expires_at", "key", b"key", "master_sae_id", b"master_sae_id", "origin_node_id", b"origin_node_id", "upstream_node_id", b"upstream_node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -76,16 +82,24 @@ class StoreRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEYS_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredKey]: ...
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutboxJob]:
+        """Jobs to record in the same transaction as the keys (for example "deliver
+        these keys to their remote destination"): both are kept, or neither.
+        """
+
     def __init__(
         self,
         *,
         keys: _abc.Iterable[Global___StoredKey] | None = ...,
+        jobs: _abc.Iterable[Global___OutboxJob] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "keys", b"keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -96,16 +110,42 @@ class StoreResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     STORED_FIELD_NUMBER: _builtins.int
+    STORED_KEY_IDS_FIELD_NUMBER: _builtins.int
+    ALREADY_HELD_KEY_IDS_FIELD_NUMBER: _builtins.int
+    ALREADY_DELIVERED_KEY_IDS_FIELD_NUMBER: _builtins.int
     stored: _builtins.int
-    """Number of keys newly written (idempotent repeats are not counted)."""
+    """Number of keys newly written (idempotent repeats are not counted);
+    the length of stored_key_ids.
+    """
+    @_builtins.property
+    def stored_key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every key of the request is in exactly one of the next three lists, in
+        request order within each; all three mean the key is (or was) here
+        exactly once, so an ETSI 020 receiver answers "relayed" for each.
+        Newly written by this call.
+        """
+
+    @_builtins.property
+    def already_held_key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Already held with the same bytes and metadata (a resend)."""
+
+    @_builtins.property
+    def already_delivered_key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Already taken by every SAE; this was a byte-identical resend from the
+        same upstream neighbour. Not stored again, never deliverable again.
+        """
+
     def __init__(
         self,
         *,
         stored: _builtins.int = ...,
+        stored_key_ids: _abc.Iterable[_builtins.str] | None = ...,
+        already_held_key_ids: _abc.Iterable[_builtins.str] | None = ...,
+        already_delivered_key_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["stored", b"stored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_delivered_key_ids", b"already_delivered_key_ids", "already_held_key_ids", b"already_held_key_ids", "stored", b"stored", "stored_key_ids", b"stored_key_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -296,8 +336,17 @@ class VoidRequest(_message.Message):
     INITIATOR_SAE_ID_FIELD_NUMBER: _builtins.int
     TARGET_SAE_IDS_FIELD_NUMBER: _builtins.int
     ALL_CONFIRMATION_FIELD_NUMBER: _builtins.int
+    UPSTREAM_NODE_ID_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
     initiator_sae_id: _builtins.str
     all_confirmation: _builtins.bool
+    upstream_node_id: _builtins.str
+    """The neighbouring KMSTN that asked for this void (ETSI 020), or empty for
+    the node's own void. When set, only keys that arrived from it may be
+    voided: a named key of this initiator and target set that arrived from
+    another neighbour or was made here fails the whole call with
+    PERMISSION_DENIED, and a void of all keys touches only its keys.
+    """
     @_builtins.property
     def key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Keys to discard. Empty means every key shared by exactly this
@@ -306,6 +355,12 @@ class VoidRequest(_message.Message):
 
     @_builtins.property
     def target_sae_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutboxJob]:
+        """Jobs to record in the same transaction as the void (for example "pass
+        this void on to the next node"): both happen, or neither.
+        """
+
     def __init__(
         self,
         *,
@@ -313,10 +368,12 @@ class VoidRequest(_message.Message):
         initiator_sae_id: _builtins.str = ...,
         target_sae_ids: _abc.Iterable[_builtins.str] | None = ...,
         all_confirmation: _builtins.bool = ...,
+        upstream_node_id: _builtins.str = ...,
+        jobs: _abc.Iterable[Global___OutboxJob] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_confirmation", b"all_confirmation", "initiator_sae_id", b"initiator_sae_id", "key_ids", b"key_ids", "target_sae_ids", b"target_sae_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_confirmation", b"all_confirmation", "initiator_sae_id", b"initiator_sae_id", "jobs", b"jobs", "key_ids", b"key_ids", "target_sae_ids", b"target_sae_ids", "upstream_node_id", b"upstream_node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -385,3 +442,270 @@ class ListPendingResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListPendingResponse: _TypeAlias = ListPendingResponse  # noqa: Y015
+
+@_typing.final
+class OutboxJob(_message.Message):
+    """One job of the outbox."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    DESTINATION_NODE_ID_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    NEXT_DUE_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """RFC 9562 UUID, chosen by the caller so that a retried PutJobs (or Store
+    or Void with jobs) records the job once.
+    """
+    kind: _builtins.str
+    """What the work is, a short machine name (1-32 of a-z 0-9 _ -, a letter
+    first), e.g. "void" or "deliver"; ListDueJobs can filter on it.
+    """
+    destination_node_id: _builtins.str
+    """The KMSTN the work is for (a node ID of the topology)."""
+    payload: _builtins.bytes
+    """Opaque to the vault; may carry key material. Encrypted at rest with
+    AES-256-GCM under the vault's record key, a fresh nonce per job, and the
+    job's ID, kind and destination as associated data.
+    """
+    attempts: _builtins.int
+    """Failed attempts so far (RescheduleJob adds one). Ignored in PutJobs,
+    where a new job starts at 0.
+    """
+    @_builtins.property
+    def next_due_at(self) -> _timestamp_pb2.Timestamp:
+        """When the job is due; in PutJobs unset means now."""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the job is dropped, done or not (required; after next_due_at is
+        not required, but a job due after its expiry never runs).
+        """
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When the job was first recorded; set by the vault (ignored in PutJobs)."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        destination_node_id: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+        attempts: _builtins.int = ...,
+        next_due_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "next_due_at", b"next_due_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "destination_node_id", b"destination_node_id", "expires_at", b"expires_at", "job_id", b"job_id", "kind", b"kind", "next_due_at", b"next_due_at", "payload", b"payload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutboxJob: _TypeAlias = OutboxJob  # noqa: Y015
+
+@_typing.final
+class PutJobsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutboxJob]:
+        """At least one job; at most 256 per call, each payload at most 6 MiB, and
+        the whole request within the 16 MiB gRPC message limit.
+        """
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___OutboxJob] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutJobsRequest: _TypeAlias = PutJobsRequest  # noqa: Y015
+
+@_typing.final
+class PutJobsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDED_FIELD_NUMBER: _builtins.int
+    recorded: _builtins.int
+    """Jobs newly recorded (identical repeats are not counted)."""
+    def __init__(
+        self,
+        *,
+        recorded: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recorded", b"recorded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutJobsResponse: _TypeAlias = PutJobsResponse  # noqa: Y015
+
+@_typing.final
+class CompleteJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job whose work is done."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteJobRequest: _TypeAlias = CompleteJobRequest  # noqa: Y015
+
+@_typing.final
+class CompleteJobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    completed: _builtins.bool
+    """False when no such job was waiting (done already, or expired)."""
+    def __init__(
+        self,
+        *,
+        completed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteJobResponse: _TypeAlias = CompleteJobResponse  # noqa: Y015
+
+@_typing.final
+class RescheduleJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    NEXT_DUE_AT_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job whose attempt failed."""
+    @_builtins.property
+    def next_due_at(self) -> _timestamp_pb2.Timestamp:
+        """When to try again (required)."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        next_due_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_due_at", b"next_due_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "next_due_at", b"next_due_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RescheduleJobRequest: _TypeAlias = RescheduleJobRequest  # noqa: Y015
+
+@_typing.final
+class RescheduleJobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOUND_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    found: _builtins.bool
+    """False when no such job was waiting (done already, or expired)."""
+    attempts: _builtins.int
+    """Failed attempts after this one was counted (0 when not found)."""
+    def __init__(
+        self,
+        *,
+        found: _builtins.bool = ...,
+        attempts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "found", b"found"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RescheduleJobResponse: _TypeAlias = RescheduleJobResponse  # noqa: Y015
+
+@_typing.final
+class ListDueJobsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    LEASE_MS_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """At most this many jobs; 0 means 100, at most 1000. An answer also stops
+    at 8 MiB of payloads (but lists at least one job), so it always fits in
+    a gRPC message; next_due_at then says more are due.
+    """
+    kind: _builtins.str
+    """Only jobs of this kind; empty means every kind."""
+    lease_ms: _builtins.int
+    """When non-zero, every job returned is also made due again only after
+    this many milliseconds (at most one hour), in the same transaction, so
+    that a second worker listing at the same time does not get it too, and
+    a worker that dies mid-job leaves it to be run again. 0: list only.
+    """
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        lease_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "lease_ms", b"lease_ms", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDueJobsRequest: _TypeAlias = ListDueJobsRequest  # noqa: Y015
+
+@_typing.final
+class ListDueJobsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    NEXT_DUE_AT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutboxJob]:
+        """Due now and not expired, oldest (first recorded) first."""
+
+    @_builtins.property
+    def next_due_at(self) -> _timestamp_pb2.Timestamp:
+        """When the next job not in this answer falls due (already, when more were
+        due than the limit); unset when no other job is waiting. A caller can
+        sleep until then instead of polling.
+        """
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___OutboxJob] | None = ...,
+        next_due_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_due_at", b"next_due_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "next_due_at", b"next_due_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDueJobsResponse: _TypeAlias = ListDueJobsResponse  # noqa: Y015

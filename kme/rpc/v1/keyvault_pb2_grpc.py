@@ -64,6 +64,26 @@ class KeyVaultStub:
                 request_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.ListPendingRequest.SerializeToString,
                 response_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.ListPendingResponse.FromString,
                 _registered_method=True)
+        self.PutJobs = channel.unary_unary(
+                '/kme.rpc.v1.KeyVault/PutJobs',
+                request_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.PutJobsRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.PutJobsResponse.FromString,
+                _registered_method=True)
+        self.CompleteJob = channel.unary_unary(
+                '/kme.rpc.v1.KeyVault/CompleteJob',
+                request_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.CompleteJobRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.CompleteJobResponse.FromString,
+                _registered_method=True)
+        self.RescheduleJob = channel.unary_unary(
+                '/kme.rpc.v1.KeyVault/RescheduleJob',
+                request_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.RescheduleJobRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.RescheduleJobResponse.FromString,
+                _registered_method=True)
+        self.ListDueJobs = channel.unary_unary(
+                '/kme.rpc.v1.KeyVault/ListDueJobs',
+                request_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.ListDueJobsRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.ListDueJobsResponse.FromString,
+                _registered_method=True)
 
 
 class KeyVaultServicer:
@@ -71,10 +91,15 @@ class KeyVaultServicer:
 
     def Store(self, request, context):
         """Store a batch of keys, atomically: either every key is stored and the
-        call returns, or none is. A key whose ID is already stored with the same
-        bytes and metadata is accepted again (idempotent retry of ETSI 020
-        ext_keys); the same ID with different bytes, or an ID already taken or
-        voided, fails with ALREADY_EXISTS and changes nothing.
+        call returns, or none is. A resend is accepted and reported per key
+        (ETSI 020 ext_keys retried after a lost answer): a key whose ID is
+        already held with the same bytes and metadata is "already held"; a key
+        that arrived from a neighbour (upstream_node_id set) and has been taken
+        by every SAE is "already delivered" when the resend has the same bytes,
+        master, allowed SAEs, origin and upstream. Anything else under a known
+        ID (other bytes or metadata, a voided or expired key, a delivered key
+        made on this node) fails with ALREADY_EXISTS (KEY_CONFLICT) and changes
+        nothing. Jobs given with the keys are recorded in the same transaction.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,6 +134,10 @@ class KeyVaultServicer:
     def Void(self, request, context):
         """Discard keys following ETSI 020 ext_keys/void semantics, returning one
         ack container per outcome (voided / failed to void / key not present).
+        A void on behalf of a neighbour (upstream_node_id set) may touch only
+        keys that arrived from that neighbour: naming any other key of this
+        initiator and target set fails with PERMISSION_DENIED and changes
+        nothing. Jobs given with the void are recorded in the same transaction.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,6 +145,45 @@ class KeyVaultServicer:
 
     def ListPending(self, request, context):
         """Keys still waiting for at least one SAE, oldest first, without bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutJobs(self, request, context):
+        """The outbox: pending work of another service of this node (the relay's
+        voids and deliveries that must be retried), kept durably so that it
+        survives a restart of that service or of the vault. Every call commits
+        before it answers (WAL, synchronous = FULL), like a Store.
+
+        Record jobs, atomically (all or none). A job whose ID is already
+        recorded with the same kind, destination, expiry and payload is
+        accepted again without change (a retried call); the same ID with other
+        content fails with ALREADY_EXISTS (KEY_CONFLICT) and records nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteJob(self, request, context):
+        """Delete a job whose work is done. Completing a job that is gone (done
+        already, or expired) is not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RescheduleJob(self, request, context):
+        """After a failed attempt: count it and set when the job is due again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDueJobs(self, request, context):
+        """Jobs due now and not expired, oldest first, with their payloads.
+        Expired jobs are deleted by the vault's expiry sweep (and logged), never
+        listed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -153,6 +221,26 @@ def add_KeyVaultServicer_to_server(servicer, server):
                     servicer.ListPending,
                     request_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.ListPendingRequest.FromString,
                     response_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.ListPendingResponse.SerializeToString,
+            ),
+            'PutJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutJobs,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.PutJobsRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.PutJobsResponse.SerializeToString,
+            ),
+            'CompleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteJob,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.CompleteJobRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.CompleteJobResponse.SerializeToString,
+            ),
+            'RescheduleJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RescheduleJob,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.RescheduleJobRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.RescheduleJobResponse.SerializeToString,
+            ),
+            'ListDueJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDueJobs,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.ListDueJobsRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.ListDueJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -317,6 +405,114 @@ class KeyVault:
             '/kme.rpc.v1.KeyVault/ListPending',
             kme_dot_rpc_dot_v1_dot_keyvault__pb2.ListPendingRequest.SerializeToString,
             kme_dot_rpc_dot_v1_dot_keyvault__pb2.ListPendingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kme.rpc.v1.KeyVault/PutJobs',
+            kme_dot_rpc_dot_v1_dot_keyvault__pb2.PutJobsRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_keyvault__pb2.PutJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kme.rpc.v1.KeyVault/CompleteJob',
+            kme_dot_rpc_dot_v1_dot_keyvault__pb2.CompleteJobRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_keyvault__pb2.CompleteJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RescheduleJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kme.rpc.v1.KeyVault/RescheduleJob',
+            kme_dot_rpc_dot_v1_dot_keyvault__pb2.RescheduleJobRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_keyvault__pb2.RescheduleJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDueJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kme.rpc.v1.KeyVault/ListDueJobs',
+            kme_dot_rpc_dot_v1_dot_keyvault__pb2.ListDueJobsRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_keyvault__pb2.ListDueJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

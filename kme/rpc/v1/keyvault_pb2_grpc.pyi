@@ -38,10 +38,15 @@ class KeyVaultStub:
     def __new__(cls, channel: _aio.Channel) -> KeyVaultAsyncStub: ...
     Store: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.StoreRequest, _keyvault_pb2.StoreResponse]
     """Store a batch of keys, atomically: either every key is stored and the
-    call returns, or none is. A key whose ID is already stored with the same
-    bytes and metadata is accepted again (idempotent retry of ETSI 020
-    ext_keys); the same ID with different bytes, or an ID already taken or
-    voided, fails with ALREADY_EXISTS and changes nothing.
+    call returns, or none is. A resend is accepted and reported per key
+    (ETSI 020 ext_keys retried after a lost answer): a key whose ID is
+    already held with the same bytes and metadata is "already held"; a key
+    that arrived from a neighbour (upstream_node_id set) and has been taken
+    by every SAE is "already delivered" when the resend has the same bytes,
+    master, allowed SAEs, origin and upstream. Anything else under a known
+    ID (other bytes or metadata, a voided or expired key, a delivered key
+    made on this node) fails with ALREADY_EXISTS (KEY_CONFLICT) and changes
+    nothing. Jobs given with the keys are recorded in the same transaction.
     """
     Take: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.TakeRequest, _keyvault_pb2.TakeResponse]
     """Take keys by ID for one SAE: all or nothing, each SAE at most once per
@@ -59,19 +64,50 @@ class KeyVaultStub:
     Void: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.VoidRequest, _keyvault_pb2.VoidResponse]
     """Discard keys following ETSI 020 ext_keys/void semantics, returning one
     ack container per outcome (voided / failed to void / key not present).
+    A void on behalf of a neighbour (upstream_node_id set) may touch only
+    keys that arrived from that neighbour: naming any other key of this
+    initiator and target set fails with PERMISSION_DENIED and changes
+    nothing. Jobs given with the void are recorded in the same transaction.
     """
     ListPending: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.ListPendingRequest, _keyvault_pb2.ListPendingResponse]
     """Keys still waiting for at least one SAE, oldest first, without bytes."""
+    PutJobs: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.PutJobsRequest, _keyvault_pb2.PutJobsResponse]
+    """The outbox: pending work of another service of this node (the relay's
+    voids and deliveries that must be retried), kept durably so that it
+    survives a restart of that service or of the vault. Every call commits
+    before it answers (WAL, synchronous = FULL), like a Store.
+
+    Record jobs, atomically (all or none). A job whose ID is already
+    recorded with the same kind, destination, expiry and payload is
+    accepted again without change (a retried call); the same ID with other
+    content fails with ALREADY_EXISTS (KEY_CONFLICT) and records nothing.
+    """
+    CompleteJob: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.CompleteJobRequest, _keyvault_pb2.CompleteJobResponse]
+    """Delete a job whose work is done. Completing a job that is gone (done
+    already, or expired) is not an error.
+    """
+    RescheduleJob: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.RescheduleJobRequest, _keyvault_pb2.RescheduleJobResponse]
+    """After a failed attempt: count it and set when the job is due again."""
+    ListDueJobs: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.ListDueJobsRequest, _keyvault_pb2.ListDueJobsResponse]
+    """Jobs due now and not expired, oldest first, with their payloads.
+    Expired jobs are deleted by the vault's expiry sweep (and logged), never
+    listed.
+    """
 
 @_typing.type_check_only
 class KeyVaultAsyncStub(KeyVaultStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Store: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.StoreRequest, _keyvault_pb2.StoreResponse]  # type: ignore[assignment]
     """Store a batch of keys, atomically: either every key is stored and the
-    call returns, or none is. A key whose ID is already stored with the same
-    bytes and metadata is accepted again (idempotent retry of ETSI 020
-    ext_keys); the same ID with different bytes, or an ID already taken or
-    voided, fails with ALREADY_EXISTS and changes nothing.
+    call returns, or none is. A resend is accepted and reported per key
+    (ETSI 020 ext_keys retried after a lost answer): a key whose ID is
+    already held with the same bytes and metadata is "already held"; a key
+    that arrived from a neighbour (upstream_node_id set) and has been taken
+    by every SAE is "already delivered" when the resend has the same bytes,
+    master, allowed SAEs, origin and upstream. Anything else under a known
+    ID (other bytes or metadata, a voided or expired key, a delivered key
+    made on this node) fails with ALREADY_EXISTS (KEY_CONFLICT) and changes
+    nothing. Jobs given with the keys are recorded in the same transaction.
     """
     Take: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.TakeRequest, _keyvault_pb2.TakeResponse]  # type: ignore[assignment]
     """Take keys by ID for one SAE: all or nothing, each SAE at most once per
@@ -89,9 +125,35 @@ class KeyVaultAsyncStub(KeyVaultStub):
     Void: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.VoidRequest, _keyvault_pb2.VoidResponse]  # type: ignore[assignment]
     """Discard keys following ETSI 020 ext_keys/void semantics, returning one
     ack container per outcome (voided / failed to void / key not present).
+    A void on behalf of a neighbour (upstream_node_id set) may touch only
+    keys that arrived from that neighbour: naming any other key of this
+    initiator and target set fails with PERMISSION_DENIED and changes
+    nothing. Jobs given with the void are recorded in the same transaction.
     """
     ListPending: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.ListPendingRequest, _keyvault_pb2.ListPendingResponse]  # type: ignore[assignment]
     """Keys still waiting for at least one SAE, oldest first, without bytes."""
+    PutJobs: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.PutJobsRequest, _keyvault_pb2.PutJobsResponse]  # type: ignore[assignment]
+    """The outbox: pending work of another service of this node (the relay's
+    voids and deliveries that must be retried), kept durably so that it
+    survives a restart of that service or of the vault. Every call commits
+    before it answers (WAL, synchronous = FULL), like a Store.
+
+    Record jobs, atomically (all or none). A job whose ID is already
+    recorded with the same kind, destination, expiry and payload is
+    accepted again without change (a retried call); the same ID with other
+    content fails with ALREADY_EXISTS (KEY_CONFLICT) and records nothing.
+    """
+    CompleteJob: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.CompleteJobRequest, _keyvault_pb2.CompleteJobResponse]  # type: ignore[assignment]
+    """Delete a job whose work is done. Completing a job that is gone (done
+    already, or expired) is not an error.
+    """
+    RescheduleJob: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.RescheduleJobRequest, _keyvault_pb2.RescheduleJobResponse]  # type: ignore[assignment]
+    """After a failed attempt: count it and set when the job is due again."""
+    ListDueJobs: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.ListDueJobsRequest, _keyvault_pb2.ListDueJobsResponse]  # type: ignore[assignment]
+    """Jobs due now and not expired, oldest first, with their payloads.
+    Expired jobs are deleted by the vault's expiry sweep (and logged), never
+    listed.
+    """
 
 class KeyVaultServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -101,10 +163,15 @@ class KeyVaultServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keyvault_pb2.StoreResponse, _abc.Awaitable[_keyvault_pb2.StoreResponse]]:
         """Store a batch of keys, atomically: either every key is stored and the
-        call returns, or none is. A key whose ID is already stored with the same
-        bytes and metadata is accepted again (idempotent retry of ETSI 020
-        ext_keys); the same ID with different bytes, or an ID already taken or
-        voided, fails with ALREADY_EXISTS and changes nothing.
+        call returns, or none is. A resend is accepted and reported per key
+        (ETSI 020 ext_keys retried after a lost answer): a key whose ID is
+        already held with the same bytes and metadata is "already held"; a key
+        that arrived from a neighbour (upstream_node_id set) and has been taken
+        by every SAE is "already delivered" when the resend has the same bytes,
+        master, allowed SAEs, origin and upstream. Anything else under a known
+        ID (other bytes or metadata, a voided or expired key, a delivered key
+        made on this node) fails with ALREADY_EXISTS (KEY_CONFLICT) and changes
+        nothing. Jobs given with the keys are recorded in the same transaction.
         """
 
     @_abc_1.abstractmethod
@@ -146,6 +213,10 @@ class KeyVaultServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_keyvault_pb2.VoidResponse, _abc.Awaitable[_keyvault_pb2.VoidResponse]]:
         """Discard keys following ETSI 020 ext_keys/void semantics, returning one
         ack container per outcome (voided / failed to void / key not present).
+        A void on behalf of a neighbour (upstream_node_id set) may touch only
+        keys that arrived from that neighbour: naming any other key of this
+        initiator and target set fails with PERMISSION_DENIED and changes
+        nothing. Jobs given with the void are recorded in the same transaction.
         """
 
     @_abc_1.abstractmethod
@@ -155,5 +226,51 @@ class KeyVaultServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keyvault_pb2.ListPendingResponse, _abc.Awaitable[_keyvault_pb2.ListPendingResponse]]:
         """Keys still waiting for at least one SAE, oldest first, without bytes."""
+
+    @_abc_1.abstractmethod
+    def PutJobs(
+        self,
+        request: _keyvault_pb2.PutJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyvault_pb2.PutJobsResponse, _abc.Awaitable[_keyvault_pb2.PutJobsResponse]]:
+        """The outbox: pending work of another service of this node (the relay's
+        voids and deliveries that must be retried), kept durably so that it
+        survives a restart of that service or of the vault. Every call commits
+        before it answers (WAL, synchronous = FULL), like a Store.
+
+        Record jobs, atomically (all or none). A job whose ID is already
+        recorded with the same kind, destination, expiry and payload is
+        accepted again without change (a retried call); the same ID with other
+        content fails with ALREADY_EXISTS (KEY_CONFLICT) and records nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def CompleteJob(
+        self,
+        request: _keyvault_pb2.CompleteJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyvault_pb2.CompleteJobResponse, _abc.Awaitable[_keyvault_pb2.CompleteJobResponse]]:
+        """Delete a job whose work is done. Completing a job that is gone (done
+        already, or expired) is not an error.
+        """
+
+    @_abc_1.abstractmethod
+    def RescheduleJob(
+        self,
+        request: _keyvault_pb2.RescheduleJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyvault_pb2.RescheduleJobResponse, _abc.Awaitable[_keyvault_pb2.RescheduleJobResponse]]:
+        """After a failed attempt: count it and set when the job is due again."""
+
+    @_abc_1.abstractmethod
+    def ListDueJobs(
+        self,
+        request: _keyvault_pb2.ListDueJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyvault_pb2.ListDueJobsResponse, _abc.Awaitable[_keyvault_pb2.ListDueJobsResponse]]:
+        """Jobs due now and not expired, oldest first, with their payloads.
+        Expired jobs are deleted by the vault's expiry sweep (and logged), never
+        listed.
+        """
 
 def add_KeyVaultServicer_to_server(servicer: KeyVaultServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

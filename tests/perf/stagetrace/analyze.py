@@ -92,7 +92,7 @@ def main() -> None:
             https.append(later[0].start - seal.end)
     print(f"{'sealed at a relay -> next 020 gateway request starts':<56} n={len(https):<5} "
           f"{_ms(https)}")
-    for name in ("Sealer.seal_detailed", "Opener.open", "Vault.store", "Vault.take",
+    for name in ("Sealer.seal_detailed", "Opener.open", "Vault.store_keys", "Vault.take",
                  "QkdDeviceClient.enc_keys", "QkdDeviceClient.dec_keys",
                  "Receiver.plan", "Transport.send", "Northbound.enc_keys",
                  "Receiver.ext_keys", "Receiver.device_keys"):

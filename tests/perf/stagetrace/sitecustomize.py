@@ -39,7 +39,7 @@ TARGETS: dict[str, list[tuple[str, list[str]]]] = {
     "relay.service": [("RelayService", ["GetKeys", "Receive"])],
     "relay.hop": [("Sealer", ["seal_detailed"]), ("Opener", ["open"])],
     "keyvault.service": [("KeyVaultService", ["Store", "Take"])],
-    "keyvault.store": [("Vault", ["store", "take"])],
+    "keyvault.store": [("Vault", ["store_keys", "take"])],
     "flask.app": [("Flask", ["wsgi_app"])],
 }
 
