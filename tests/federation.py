@@ -76,3 +76,16 @@ class FederationFiles:
         for name, value in sections.items():
             data[name] = value
         return write_toml(node_dir / "node.toml", data)
+
+
+def line_topology(root: Path, first_host: int) -> Path:
+    """A line of four KMSTNs: W =QKD= X --PQC-- Y =QKD= Z (3 hops from W to Z)."""
+    files = FederationFiles(root, pki=None)  # type: ignore[arg-type]
+    for i, node in enumerate("WXYZ"):
+        files.kmstn(node, f"127.0.0.{first_host + i}")
+    files.qkd("W", "X", rate=1_000_000.0, block_size=8192, sim={"initial_keys": 500})
+    files.pqc("X", "Y")
+    files.qkd("Y", "Z", rate=1_000_000.0, block_size=8192, sim={"initial_keys": 500})
+    for node in "WXYZ":
+        files.sae(f"sae-{node.lower()}", node)
+    return files.write()

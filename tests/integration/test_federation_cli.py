@@ -25,23 +25,10 @@ import pytest
 from keyvault.client import KeyVaultClient
 from lab.federation import group_alive
 from lab.saeclient import SaeClient
-from tests.federation import FederationFiles
+from tests.federation import line_topology
 from tests.helpers import REPO, run_cli
 
 pytestmark = pytest.mark.integration
-
-
-def _line(root: Path, first_host: int) -> Path:
-    """A line of four KMSTNs: W =QKD= X --PQC-- Y =QKD= Z (3 hops from W to Z)."""
-    files = FederationFiles(root, pki=None)  # type: ignore[arg-type]
-    for i, node in enumerate("WXYZ"):
-        files.kmstn(node, f"127.0.0.{first_host + i}")
-    files.qkd("W", "X", rate=1_000_000.0, block_size=8192, sim={"initial_keys": 500})
-    files.pqc("X", "Y")
-    files.qkd("Y", "Z", rate=1_000_000.0, block_size=8192, sim={"initial_keys": 500})
-    for node in "WXYZ":
-        files.sae(f"sae-{node.lower()}", node)
-    return files.write()
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -67,7 +54,7 @@ def root() -> Iterator[Path]:
 
 
 def test_up_keys_over_three_hops_status_down(root: Path) -> None:
-    topology = _line(root, 61)
+    topology = line_topology(root, 61)
     state = root / "state"
     up = run_cli(["-m", "lab", "federation", "up", "--topology", str(topology),
                   "--state", str(state)], timeout=300)
@@ -140,7 +127,7 @@ def test_exchanges_recover_when_services_restart(root: Path) -> None:
     """Kill or stop any one service on a 3-hop path and start it again: the next
     exchange works at once, and a key stored before its keyvault was killed survives."""
     state = root / "state"
-    up = run_cli(["-m", "lab", "federation", "up", "--topology", str(_line(root, 71)),
+    up = run_cli(["-m", "lab", "federation", "up", "--topology", str(line_topology(root, 71)),
                   "--state", str(state)], timeout=300)
     assert up.returncode == 0, up.stdout + up.stderr
     _exchange(state, "sae-w", "sae-z")  # every pool, reservation and connection in use
@@ -183,7 +170,7 @@ def test_under_restarts_each_key_a_master_got_is_delivered_once_and_none_is_left
     and restarted: some requests fail (503), but every key a master got is delivered
     once, with its bytes, and every copy of a failed request is voided in the end."""
     state = root / "state"
-    up = run_cli(["-m", "lab", "federation", "up", "--topology", str(_line(root, 75)),
+    up = run_cli(["-m", "lab", "federation", "up", "--topology", str(line_topology(root, 75)),
                   "--state", str(state)], timeout=300)
     assert up.returncode == 0, up.stdout + up.stderr
     manifest = json.loads((state / "federation.json").read_text())
@@ -235,7 +222,7 @@ def test_under_restarts_each_key_a_master_got_is_delivered_once_and_none_is_left
 
 
 def test_failed_start_names_the_service_and_leaves_nothing(root: Path) -> None:
-    topology = _line(root, 65)
+    topology = line_topology(root, 65)
     text = topology.read_text()
     # Occupy X's ETSI 020 port: its gateway cannot start.
     x_port = int(text.split('id = "X"')[1].split("etsi020_port = ")[1].split("\n")[0])
