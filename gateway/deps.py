@@ -22,7 +22,7 @@ from kme.rpc.v1 import relay_pb2, relay_pb2_grpc
 from kme.types import Key
 from relay.client import RelayClient
 from relay.convert import type_to_proto
-from routing.replica import RoutingReplica
+from routing.follower import TableFollower
 
 __all__ = ["RelayAdapter", "VaultAdapter", "build_flows"]
 
@@ -81,9 +81,9 @@ def build_flows(config: NodeConfig) -> Flows:
     wait = config.gateway.inflight_wait_ms / 1000
     return Flows(
         config,
-        # Routes are computed in-process from a replica that the routing
-        # service keeps current over a stream (no RPC per route).
-        RoutingReplica(config.topology, config.node_id, internal_channel(config, "routing")),
+        # Routes are read in-process from the forwarding table that the
+        # routing service keeps current over a stream (no RPC per route).
+        TableFollower(internal_channel(config, "routing")),
         VaultAdapter(KeyVaultClient(internal_channel(config, "keyvault"), timeout=5.0 + wait)),
         RelayAdapter(config),
         cast(DevicesPort, QkdDevices(config)),
