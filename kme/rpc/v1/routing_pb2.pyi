@@ -206,10 +206,15 @@ class Hop(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
     from_node_id: _builtins.str
+    """The node the hop leaves (nearer the source)."""
     to_node_id: _builtins.str
+    """The node it reaches."""
     link_id: _builtins.str
+    """The link it uses: the cheapest one up between the two nodes."""
     kind: _common_pb2.LinkKind.ValueType
+    """That link's kind."""
     cost: _builtins.float
+    """That link's current cost."""
     def __init__(
         self,
         *,
