@@ -85,12 +85,14 @@ class TableFollower:
         return self._current()
 
     def wait_synced(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a table; True once one is in hand."""
         return self._synced.wait(timeout)
 
     def close(self) -> None:
-        """Stop following (the fallback RPC stays usable while the channel is open)."""
+        """Stop following; routes are asked over RPC from then on (while the channel is open)."""
         with self._lock:
             self._stopped.set()
+            self._synced.clear()
             call = self._call
         if call is not None:
             call.cancel()
@@ -144,6 +146,12 @@ class TableFollower:
             call.cancel()
 
     def _follow(self) -> None:
+        try:
+            self._run()
+        finally:
+            self._synced.clear()  # closed: no table goes stale in hand
+
+    def _run(self) -> None:
         backoff = 0.1
         while not self._stopped.is_set():
             try:
@@ -161,6 +169,10 @@ class TableFollower:
                 if self._stopped.is_set():
                     return
                 self._log.debug("routing stream interrupted", extra={"error": str(err.code())})
+            except Exception:
+                # Never let the follower die: out of sync, routes go over RPC
+                # and the stream is opened again.
+                self._log.exception("routing stream failed")
             self._synced.clear()
             self._stopped.wait(backoff)
             backoff = min(0.5, backoff * 2)

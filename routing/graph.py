@@ -158,9 +158,9 @@ class RoutingTable:
     def forwarding_table(self) -> ForwardingTable:
         """This node's routes to every node at the current version (built once per version).
 
-        One Dijkstra tree from this node gives every path; walking the nodes
-        in order of distance meets each node's parent first, so each path is
-        its parent's path plus one node (a tree: what ForwardingTable needs).
+        One Dijkstra tree from this node gives every path: each node's path is
+        its predecessor's path plus the node, so every path is built from its
+        parent's (a tree: what ForwardingTable needs) in time linear in its size.
         """
         if self._self is None:
             raise KmstnError(ErrorCode.INVALID_ARGUMENT, "no source node given")
@@ -170,28 +170,41 @@ class RoutingTable:
                 return self._forwarding
             dist, pred = self._tree(src)
             me = self._nodes[src]
+            # Per reachable node: its path, the hop into it, the path's first hop.
             paths: dict[int, tuple[NodeId, ...]] = {src: (me,)}
+            into: dict[int, Hop] = {}
             first: dict[int, Hop] = {}
-            entries = [TableEntry(me, (me,), 0.0, None, None, None, None)]
+            entries = []
             cut: tuple[str, ...] | None = None
-            for i in np.argsort(dist, kind="stable").tolist():
-                node = self._nodes[i]
+            for i, node in enumerate(self._nodes):
                 if i == src:
-                    continue
-                if not np.isfinite(dist[i]):
+                    entries.append(TableEntry(me, (me,), 0.0, None, None, None, None))
+                elif not np.isfinite(dist[i]):
                     cut = self._cut(src) if cut is None else cut
                     entries.append(TableEntry(node, (), 0.0, None, None, None, None, cut))
-                    continue
-                parent = int(pred[i])
-                state = self._best[(min(parent, i), max(parent, i))]
-                last = Hop(self._nodes[parent], node, state.link.id, state.link.kind, state.cost)
-                first[i] = last if parent == src else first[parent]
-                paths[i] = (*paths[parent], node)
-                hop = first[i]
-                entries.append(TableEntry(node, paths[i], float(dist[i]), hop.to_node,
-                                          hop.link_id, hop.kind, last))
+                else:
+                    self._walk(i, pred, paths, into, first)
+                    hop = first[i]
+                    entries.append(TableEntry(node, paths[i], float(dist[i]), hop.to_node,
+                                              hop.link_id, hop.kind, into[i]))
             self._forwarding = ForwardingTable(self._version, me, entries, self._topology.saes)
             return self._forwarding
+
+    def _walk(self, i: int, pred: NDArray[np.int32], paths: dict[int, tuple[NodeId, ...]],
+              into: dict[int, Hop], first: dict[int, Hop]) -> None:
+        """Fill in the path of ``i`` and of its ancestors not yet seen, root side first."""
+        chain = []
+        while i not in paths:
+            chain.append(i)
+            i = int(pred[i])
+        for j in reversed(chain):
+            parent = int(pred[j])
+            state = self._best[(min(parent, j), max(parent, j))]
+            hop = Hop(self._nodes[parent], self._nodes[j], state.link.id, state.link.kind,
+                      state.cost)
+            into[j] = hop
+            first[j] = first.get(parent, hop)
+            paths[j] = (*paths[parent], self._nodes[j])
 
     def _tree(self, src: int) -> tuple[NDArray[np.float64], NDArray[np.int32]]:
         """Distances and predecessors from ``src`` (caller holds the lock)."""
