@@ -16,7 +16,7 @@ from keyvault.client import KeyVaultClient
 from kme.channels import internal_channel
 from kme.config import NodeConfig
 from relay.client import RelayClient
-from routing.replica import RoutingReplica
+from routing.follower import TableFollower
 
 if TYPE_CHECKING:
     from kme.flows import Routes
@@ -42,7 +42,7 @@ def build_edge(config: NodeConfig, api: str) -> Edge:
         config,
         relay,
         KeyVaultClient(internal_channel(config, "keyvault"), timeout=5.0 + wait),
-        # Routes are answered in-process from a replica that the routing
-        # service keeps current over a stream (no RPC per route).
-        RoutingReplica(config.topology, config.node_id, internal_channel(config, "routing")),
+        # Routes are read in-process from the forwarding table that the
+        # routing service keeps current over a stream (no RPC per route).
+        TableFollower(internal_channel(config, "routing")),
     )

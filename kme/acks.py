@@ -1,14 +1,17 @@
-"""ETSI 020 ack containers between their domain form (kme.etsi020) and kme.rpc.v1."""
+"""The shared messages of kme.rpc.v1.common between their domain form and proto:
+ETSI 020 ack containers (kme.etsi020) and link kinds (the one table of them)."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
 
+from kme.config import LinkKindName
 from kme.etsi020 import AckContainer
 from kme.rpc.v1 import common_pb2
 
-__all__ = ["STATUS_FROM_PROTO", "STATUS_TO_PROTO", "ack_from_proto", "ack_to_proto"]
+__all__ = ["STATUS_FROM_PROTO", "STATUS_TO_PROTO", "ack_from_proto", "ack_to_proto",
+           "acks_from_proto", "kind_from_proto", "kind_to_proto"]
 
 STATUS_TO_PROTO: dict[str, common_pb2.AckStatus.ValueType] = {
     "relayed": common_pb2.ACK_STATUS_RELAYED,
@@ -42,3 +45,19 @@ def ack_from_proto(msg: common_pb2.AckContainer) -> AckContainer:
 
 def acks_from_proto(msgs: Iterable[common_pb2.AckContainer]) -> list[AckContainer]:
     return [ack_from_proto(m) for m in msgs]
+
+
+LINK_KINDS: dict[LinkKindName, common_pb2.LinkKind.ValueType] = {
+    "qkd": common_pb2.LINK_KIND_QKD,
+    "pqc": common_pb2.LINK_KIND_PQC,
+    "site": common_pb2.LINK_KIND_SITE,
+}
+_KIND_NAMES = {v: k for k, v in LINK_KINDS.items()}
+
+
+def kind_to_proto(kind: LinkKindName | None) -> common_pb2.LinkKind.ValueType:
+    return LINK_KINDS[kind] if kind else common_pb2.LINK_KIND_UNSPECIFIED
+
+
+def kind_from_proto(kind: common_pb2.LinkKind.ValueType) -> LinkKindName:
+    return _KIND_NAMES[kind]

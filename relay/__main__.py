@@ -31,7 +31,7 @@ from relay.ports import FlowDevices, VaultPort
 from relay.qkdreserve import ReservedQkdKeys
 from relay.service import RelayService
 from relay.transport import Transport
-from routing.replica import RoutingReplica
+from routing.follower import TableFollower
 
 
 def qkd_devices(config: NodeConfig) -> QkdDevices | None:
@@ -65,8 +65,7 @@ def build(rt: Runtime) -> None:
                           discard_sessions=sealer.discard_keys)
     budget = config.gateway.relay_timeout_ms / 1000
     vault = VaultPort(KeyVaultClient(internal_channel(config, "keyvault"), timeout=budget))
-    routes = RoutingReplica(config.topology, config.node_id,
-                            internal_channel(config, "routing"), rt.log)
+    routes = TableFollower(internal_channel(config, "routing"), rt.log)
     flow_devices = FlowDevices(devices or QkdDevices(config), pools, reserved)
     flows = Flows(config, routes, vault, transport, flow_devices, vault, rt.log,
                   workers=max(8, config.gateway.threads))

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from kme.acks import LINK_KINDS
+from kme.acks import kind_to_proto as link_kind_to_proto
 from kme.errors import ErrorCode, KmstnError
 from kme.etsi014 import Status
 from kme.etsi020 import ExtKey, ExtKeyContainer, VoidContainer
@@ -67,12 +69,6 @@ _TYPES: Final[dict[str, relay_pb2.MessageType.ValueType]] = {
 }
 _TYPE_NAMES: Final = {v: k for k, v in _TYPES.items()}
 
-_KINDS: Final[dict[str, common_pb2.LinkKind.ValueType]] = {
-    "qkd": common_pb2.LINK_KIND_QKD,
-    "pqc": common_pb2.LINK_KIND_PQC,
-}
-_KIND_NAMES: Final = {v: k for k, v in _KINDS.items()}
-
 
 def type_to_proto(name: str) -> relay_pb2.MessageType.ValueType:
     try:
@@ -90,11 +86,15 @@ def type_from_proto(value: relay_pb2.MessageType.ValueType) -> str:
                          "message_type is required (ext_keys, void, ack or device_keys)") from None
 
 
+_KIND_NAMES: Final = {v: k for k, v in LINK_KINDS.items()}
+
+
 def kind_to_proto(kind: HopKind) -> common_pb2.LinkKind.ValueType:
-    return _KINDS[kind]
+    return link_kind_to_proto(kind)
 
 
 def kind_from_proto(value: common_pb2.LinkKind.ValueType) -> HopKind:
+    """A hop's kind: only QKD and PQC hops are sealed."""
     name = _KIND_NAMES.get(value)
     if name == "qkd":
         return "qkd"

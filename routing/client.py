@@ -7,7 +7,7 @@ import grpc
 from kme.channels import call
 from kme.rpc.v1 import routing_pb2, routing_pb2_grpc
 from routing.convert import route_from_proto
-from routing.graph import Route
+from routing.table import Route
 
 __all__ = ["RoutingClient"]
 

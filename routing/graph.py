@@ -7,6 +7,12 @@ joined by, say, a QKD link and a PQC fallback). Paths come from
 at a time and cached per source until the link state changes. All-pairs is
 never computed: a node only ever needs its own row.
 
+The routing process answers the Route RPC from here, and turns its own
+node's tree into a :class:`routing.table.ForwardingTable` (one per version)
+that it pushes to the other services, so that only this process imports
+scipy. The domain types (Route, Hop, LinkState) live in the scipy-free
+``routing.table`` and are re-exported here.
+
 Thread safety: one lock guards the state; a route computed under version N
 is consistent with every other route of version N.
 """
@@ -15,56 +21,27 @@ from __future__ import annotations
 
 import itertools
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 from numpy.typing import NDArray
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components, dijkstra
 
-from kme.config import Link, LinkKindName, Topology
+from kme.config import Topology
 from kme.errors import ErrorCode, KmstnError
 from kme.types import NodeId
+from routing.table import (
+    ForwardingTable,
+    Hop,
+    LinkState,
+    Route,
+    TableEntry,
+    no_route_error,
+    unknown_node_error,
+)
 
 __all__ = ["Hop", "LinkState", "Route", "RoutingTable"]
-
-
-@dataclass(frozen=True, slots=True)
-class Hop:
-    from_node: NodeId
-    to_node: NodeId
-    link_id: str
-    kind: LinkKindName
-    cost: float
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    source: NodeId
-    destination: NodeId
-    path: tuple[NodeId, ...]
-    hops: tuple[Hop, ...]
-    total_cost: float
-    version: int
-
-    @property
-    def is_local(self) -> bool:
-        return not self.hops
-
-    @property
-    def next_hop(self) -> NodeId | None:
-        return self.hops[0].to_node if self.hops else None
-
-    @property
-    def next_kind(self) -> LinkKindName | None:
-        return self.hops[0].kind if self.hops else None
-
-
-@dataclass(frozen=True, slots=True)
-class LinkState:
-    link: Link
-    up: bool
-    cost: float
 
 
 class RoutingTable:
@@ -81,6 +58,7 @@ class RoutingTable:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._version = 1
+        self._forwarding: ForwardingTable | None = None
         self._rebuild()
 
     # -- state -----------------------------------------------------------------
@@ -124,17 +102,6 @@ class RoutingTable:
             self._changed.wait_for(lambda: self._version != seen_version, timeout)
             return self._version
 
-    def replace_state(self, version: int, states: dict[str, tuple[bool, float]]) -> None:
-        """Take another table's link states and version (a replica of the routing service)."""
-        with self._lock:
-            for link_id, (up, cost) in states.items():
-                old = self._links.get(link_id)
-                if old is not None:
-                    self._links[link_id] = replace(old, up=up, cost=cost)
-            self._version = version
-            self._rebuild()
-            self._changed.notify_all()
-
     def _rebuild(self) -> None:
         # Cheapest up link per unordered pair: csr_matrix would sum duplicate
         # entries, and dijkstra reads an explicit 0 as "no edge", so both are
@@ -172,13 +139,7 @@ class RoutingTable:
             if src == dst:
                 node = self._nodes[src]
                 return Route(node, node, (node,), (), 0.0, version)
-            tree = self._trees.get(src)
-            if tree is None:
-                dist, pred = dijkstra(self._graph, directed=False, indices=src,
-                                      return_predecessors=True)
-                tree = (dist, pred)
-                self._trees[src] = tree
-            dist, pred = tree
+            dist, pred = self._tree(src)
             if not np.isfinite(dist[dst]):
                 raise self._no_route(src, dst)
             indices = [dst]
@@ -194,24 +155,84 @@ class RoutingTable:
                          tuple(self._nodes[i] for i in indices), tuple(hops),
                          float(dist[dst]), version)
 
+    def forwarding_table(self) -> ForwardingTable:
+        """This node's routes to every node at the current version (built once per version).
+
+        One Dijkstra tree from this node gives every path: each node's path is
+        its predecessor's path plus the node, so every path is built from its
+        parent's (a tree: what ForwardingTable needs) in time linear in its size.
+        """
+        if self._self is None:
+            raise KmstnError(ErrorCode.INVALID_ARGUMENT, "no source node given")
+        src = self._node_index(self._self)
+        with self._lock:
+            if self._forwarding is not None and self._forwarding.version == self._version:
+                return self._forwarding
+            dist, pred = self._tree(src)
+            me = self._nodes[src]
+            # Per reachable node: its path, the hop into it, the path's first hop.
+            paths: dict[int, tuple[NodeId, ...]] = {src: (me,)}
+            into: dict[int, Hop] = {}
+            first: dict[int, Hop] = {}
+            entries = []
+            cut: tuple[str, ...] | None = None
+            for i, node in enumerate(self._nodes):
+                if i == src:
+                    entries.append(TableEntry(me, (me,), 0.0, None, None, None, None))
+                elif not np.isfinite(dist[i]):
+                    cut = self._cut(src) if cut is None else cut
+                    entries.append(TableEntry(node, (), 0.0, None, None, None, None, cut))
+                else:
+                    self._walk(i, pred, paths, into, first)
+                    hop = first[i]
+                    entries.append(TableEntry(node, paths[i], float(dist[i]), hop.to_node,
+                                              hop.link_id, hop.kind, into[i]))
+            self._forwarding = ForwardingTable(self._version, me, entries, self._topology.saes)
+            return self._forwarding
+
+    def _walk(self, i: int, pred: NDArray[np.int32], paths: dict[int, tuple[NodeId, ...]],
+              into: dict[int, Hop], first: dict[int, Hop]) -> None:
+        """Fill in the path of ``i`` and of its ancestors not yet seen, root side first."""
+        chain = []
+        while i not in paths:
+            chain.append(i)
+            i = int(pred[i])
+        for j in reversed(chain):
+            parent = int(pred[j])
+            state = self._best[(min(parent, j), max(parent, j))]
+            hop = Hop(self._nodes[parent], self._nodes[j], state.link.id, state.link.kind,
+                      state.cost)
+            into[j] = hop
+            first[j] = first.get(parent, hop)
+            paths[j] = (*paths[parent], self._nodes[j])
+
+    def _tree(self, src: int) -> tuple[NDArray[np.float64], NDArray[np.int32]]:
+        """Distances and predecessors from ``src`` (caller holds the lock)."""
+        tree = self._trees.get(src)
+        if tree is None:
+            dist, pred = dijkstra(self._graph, directed=False, indices=src,
+                                  return_predecessors=True)
+            tree = (dist, pred)
+            self._trees[src] = tree
+        return tree
+
     def _node_index(self, node: str) -> int:
         try:
             return self._index[NodeId(node)]
         except KeyError:
-            raise KmstnError(ErrorCode.UNKNOWN_NODE, f"unknown KMSTN {node!r}") from None
+            raise unknown_node_error(node) from None
 
     def _no_route(self, src: int, dst: int) -> KmstnError:
-        """Name the cut: the down links that leave the part of the graph src reaches."""
+        return no_route_error(self._nodes[src], self._nodes[dst], self._cut(src))
+
+    def _cut(self, src: int) -> tuple[str, ...]:
+        """The down links that leave the part of the graph src reaches, sorted."""
         _, labels = connected_components(self._graph, directed=False)
         reach = labels[src]
-        cut = sorted(
+        return tuple(sorted(
             s.link.id
             for s in self._links.values()
             if not s.up
             and (labels[self._index[s.link.a]] == reach) != (labels[self._index[s.link.b]] == reach)
-        )
-        where = f"no path from {self._nodes[src]} to {self._nodes[dst]}"
-        if cut:
-            return KmstnError(ErrorCode.NO_ROUTE, f"{where}: cut by links down: {', '.join(cut)}")
-        return KmstnError(ErrorCode.NO_ROUTE, f"{where}: no link joins their parts of the topology")
+        ))
 

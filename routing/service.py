@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 
@@ -10,7 +11,7 @@ import grpc
 
 from kme.errors import ErrorCode, KmstnError
 from kme.rpc.v1 import routing_pb2, routing_pb2_grpc
-from routing.convert import link_state_to_proto, route_to_proto
+from routing.convert import link_state_to_proto, route_to_proto, table_to_proto
 from routing.graph import RoutingTable
 
 __all__ = ["DEFAULT_HEARTBEAT_S", "RoutingService"]
@@ -22,6 +23,10 @@ class RoutingService(routing_pb2_grpc.RoutingServicer):
     def __init__(self, table: RoutingTable, log: logging.Logger) -> None:
         self._table = table
         self._log = log
+        # The message of the latest forwarding table, built once per version
+        # and sent to every subscriber (the gateway and relay processes).
+        self._pushed: routing_pb2.ForwardingTable | None = None
+        self._pushed_lock = threading.Lock()
 
     def Route(  # noqa: N802 - gRPC method name
         self, request: routing_pb2.RouteRequest, context: grpc.ServicerContext
@@ -52,9 +57,9 @@ class RoutingService(routing_pb2_grpc.RoutingServicer):
     ) -> routing_pb2.TopologySnapshot:
         return self._snapshot()
 
-    def Watch(  # noqa: N802
+    def WatchTable(  # noqa: N802
         self, request: routing_pb2.WatchRequest, context: grpc.ServicerContext
-    ) -> Iterator[routing_pb2.TopologySnapshot]:
+    ) -> Iterator[routing_pb2.ForwardingTable]:
         heartbeat = float(request.heartbeat_seconds or DEFAULT_HEARTBEAT_S)
         sent, last = -1, 0.0
         while context.is_active():
@@ -62,8 +67,16 @@ class RoutingService(routing_pb2_grpc.RoutingServicer):
             version = self._table.wait_for_change(sent, min(1.0, heartbeat))
             now = time.monotonic()
             if version != sent or now - last >= heartbeat:
-                sent, last = version, now
-                yield self._snapshot()
+                msg = self._forwarding_table()
+                sent, last = msg.version, now
+                yield msg
+
+    def _forwarding_table(self) -> routing_pb2.ForwardingTable:
+        with self._pushed_lock:
+            table = self._table.forwarding_table()
+            if self._pushed is None or self._pushed.version != table.version:
+                self._pushed = table_to_proto(table)
+            return self._pushed
 
     def _snapshot(self) -> routing_pb2.TopologySnapshot:
         topo = self._table.topology

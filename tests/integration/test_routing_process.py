@@ -4,17 +4,23 @@ and --check-config for every node service."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import stat
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 
+from kme.channels import LOCAL_OPTIONS
 from kme.config import load_node_config
 from kme.errors import ErrorCode, KmstnError
 from kme.rpc.v1 import common_pb2, routing_pb2, routing_pb2_grpc
 from routing.client import RoutingClient
+from routing.follower import TableFollower
 from tests.federation import FederationFiles
 from tests.helpers import Pki, ServiceProcess, run_cli
 
@@ -121,11 +127,11 @@ def test_check_config(three_nodes: FederationFiles, service: list[str]) -> None:
         assert not Path(endpoint.address).exists()
 
 
-def test_replica_follows_link_changes_without_a_route_rpc(three_nodes: FederationFiles) -> None:
-    """Routing.Watch keeps an in-process replica current: a link change made at the
-    service changes the replica's routes within moments, with no restart."""
-    from routing.replica import RoutingReplica
-
+def test_follower_follows_link_changes_without_a_route_rpc(
+        three_nodes: FederationFiles) -> None:
+    """Routing.WatchTable keeps an in-process forwarding table current: a link change made
+    at the service pushes a new table version, which changes the follower's routes within
+    moments, with no restart."""
     node_file = three_nodes.node_file("A")
     cfg = load_node_config(node_file)
     proc = ServiceProcess(["-m", "routing", "--config", str(node_file)], three_nodes.root,
@@ -133,33 +139,135 @@ def test_replica_follows_link_changes_without_a_route_rpc(three_nodes: Federatio
     try:
         proc.wait_healthy(cfg.routing_endpoint.grpc_target)
         with grpc.insecure_channel(cfg.routing_endpoint.grpc_target) as channel:
-            replica = RoutingReplica(cfg.topology, cfg.node_id, channel, heartbeat_s=1)
-            assert replica.wait_synced(10)
-            assert replica.route_to_sae("sae-c").path == ("A", "B", "C")
+            follower = TableFollower(channel, heartbeat_s=1)
+            assert follower.wait_synced(10)
+            first = follower.version
+            assert first >= 1
+            assert follower.route_to_sae("sae-c").path == ("A", "B", "C")
+            assert follower.route_to_sae("sae-c") == RoutingClient(channel).route_to_sae("sae-c")
             RoutingClient(channel).set_link_state("PQC-B-C", up=False)
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 try:
-                    replica.route_to_sae("sae-c")
+                    follower.route_to_sae("sae-c")
                 except KmstnError as exc:
                     assert exc.code is ErrorCode.NO_ROUTE
                     break
                 time.sleep(0.01)
             else:
-                raise AssertionError("the replica never saw the link go down")
+                raise AssertionError("the follower never saw the link go down")
+            assert follower.version == first + 1
+            assert follower.synced
+            table = follower.table
+            assert table is not None and table.entry("C").cut == ("PQC-B-C",)
+            with pytest.raises(KmstnError) as err:
+                follower.route_to_sae("sae-c")
+            assert err.value.public == "no path from A to C: cut by links down: PQC-B-C"
             RoutingClient(channel).set_link_state("PQC-B-C", up=True)
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and not _routes(replica):
+            while time.monotonic() < deadline and not _routes(follower):
                 time.sleep(0.01)
-            assert replica.route_to_sae("sae-c").path == ("A", "B", "C")
-            replica.close()
+            assert follower.route_to_sae("sae-c").path == ("A", "B", "C")
+            assert follower.version == first + 2
+            follower.close()
     finally:
         assert proc.stop() == 0, proc.logs()
 
 
-def _routes(replica: object) -> bool:
+def test_follower_asks_the_service_while_out_of_sync_and_resyncs_after_a_restart(
+        three_nodes: FederationFiles) -> None:
+    """While the routing service is down the follower does not answer from its last table:
+    a route asked then waits, within its deadline, for the restarted service; the stream
+    comes back by itself and the new service's table (fresh link state) is followed."""
+    node_file = three_nodes.node_file("A")
+    cfg = load_node_config(node_file)
+    target = cfg.routing_endpoint.grpc_target
+    args = ["-m", "routing", "--config", str(node_file)]
+    proc = ServiceProcess(args, three_nodes.root, "routing")
+    channel = grpc.insecure_channel(target, options=LOCAL_OPTIONS)
+    follower = TableFollower(channel, heartbeat_s=1, rpc_timeout=60)
     try:
-        replica.route_to_sae("sae-c")  # type: ignore[attr-defined]
+        proc.wait_healthy(target)
+        assert follower.wait_synced(10)
+        RoutingClient(channel).set_link_state("PQC-B-C", up=False)
+        _wait_until(lambda: follower.version == 2)
+        assert follower.node_of_sae("sae-c") == "C"
+        assert proc.stop() == 0, proc.logs()
+
+        _wait_until(lambda: not follower.synced)
+        assert follower.table is None
+        # The stale table would answer NO_ROUTE; the follower asks the service
+        # instead, and that call waits for the service started meanwhile.
+        answers: list[object] = []
+        asking = threading.Thread(target=lambda: answers.append(_answer(follower)))
+        asking.start()
+        proc = ServiceProcess(args, three_nodes.root, "routing-2")
+        asking.join(90)
+        assert answers and answers[0] == ("A", "B", "C")
+
+        # The restarted service starts again from the configured link state.
+        assert follower.wait_synced(30)
+        assert follower.route_to_sae("sae-c").path == ("A", "B", "C")
+        assert follower.version == 1
+        RoutingClient(channel).set_link_state("QKD-A-B", up=False)
+        _wait_until(lambda: follower.version == 2)
+        with pytest.raises(KmstnError) as err:
+            follower.route_to_node("B")
+        assert err.value.public == "no path from A to B: cut by links down: QKD-A-B"
+        with pytest.raises(KmstnError) as err:
+            follower.route_to_sae("nobody")
+        assert err.value.code is ErrorCode.UNKNOWN_SAE
+    finally:
+        follower.close()
+        channel.close()
+        assert proc.stop() == 0, proc.logs()
+
+
+def test_follower_stops_trusting_a_silent_stream(three_nodes: FederationFiles) -> None:
+    """A routing service that hangs (SIGSTOP) sends no heartbeat: after two heartbeats the
+    follower is out of sync (routes would be asked over RPC), and in sync again once the
+    service runs again."""
+    node_file = three_nodes.node_file("A")
+    cfg = load_node_config(node_file)
+    proc = ServiceProcess(["-m", "routing", "--config", str(node_file)], three_nodes.root,
+                          "routing")
+    channel = grpc.insecure_channel(cfg.routing_endpoint.grpc_target, options=LOCAL_OPTIONS)
+    follower = TableFollower(channel, heartbeat_s=1)
+    try:
+        proc.wait_healthy(cfg.routing_endpoint.grpc_target)
+        assert follower.wait_synced(10)
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            _wait_until(lambda: not follower.synced)
+            assert follower.table is None
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert follower.wait_synced(30)
+        assert follower.route_to_sae("sae-c").path == ("A", "B", "C")
+    finally:
+        follower.close()
+        channel.close()
+        assert proc.stop() == 0, proc.logs()
+
+
+def _answer(follower: TableFollower) -> object:
+    try:
+        return follower.route_to_sae("sae-c").path
+    except KmstnError as exc:
+        return exc
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def _routes(follower: TableFollower) -> bool:
+    try:
+        follower.route_to_sae("sae-c")
     except KmstnError:
         return False
     return True

@@ -1,9 +1,12 @@
-"""Routing: optimality against networkx on random graphs, and run-time link state."""
+"""Routing: optimality against networkx on random graphs, run-time link state, and the
+forwarding table that subscribers answer from (the same answers as the graph)."""
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import networkx as nx
@@ -13,8 +16,11 @@ from hypothesis import strategies as st
 
 from kme.config import Kmstn, Link, QkdLink, Topology, load_topology
 from kme.errors import ErrorCode, KmstnError
+from kme.rpc.v1 import common_pb2, routing_pb2
 from kme.types import NodeId, SaeId
+from routing.convert import table_from_proto, table_to_proto
 from routing.graph import RoutingTable
+from routing.table import ForwardingTable, Route
 from tests.helpers import REPO
 
 KINDS = ("qkd", "pqc")
@@ -154,3 +160,118 @@ def test_unknown_sae_and_link(testbed: RoutingTable) -> None:
     with pytest.raises(KmstnError) as err:
         testbed.set_link_state("QKD-1-2", True, cost=0)
     assert err.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+# -- the forwarding table ------------------------------------------------------
+
+
+def over_the_wire(table: RoutingTable) -> ForwardingTable:
+    """The forwarding table as a subscriber gets it: built, serialized, parsed."""
+    wire = table_to_proto(table.forwarding_table()).SerializeToString()
+    return table_from_proto(routing_pb2.ForwardingTable.FromString(wire))
+
+
+def answer(ask: Callable[[], object]) -> object:
+    """A route, or the error as everything a caller can see of it."""
+    try:
+        return ask()
+    except KmstnError as exc:
+        return (exc.code, exc.public, exc.cause, exc.reason)
+
+
+@settings(max_examples=300, deadline=None)
+@given(graphs(), st.data())
+def test_forwarding_table_answers_as_the_graph(
+        graph: tuple[int, list[tuple[int, int, float, str]], list[bool]],
+        data: st.DataObject) -> None:
+    """For every destination, the table gives the graph's very Route (next hop, kind,
+    link, cost, path, every hop, version) or its very error, and agrees with networkx."""
+    n, edges, up = graph
+    topo = make_topology(n, edges)
+    me = NodeId(f"N{data.draw(st.integers(0, n - 1))}")
+    graph_table = RoutingTable(topo, me)
+    for k, is_up in enumerate(up):
+        if not is_up:
+            graph_table.set_link_state(f"L{k}", False)
+    table = over_the_wire(graph_table)
+    assert table.version == graph_table.version and table.self_node == me
+    lengths = nx.single_source_dijkstra_path_length(oracle(n, edges, up), me)
+    for dest in [*(f"N{i}" for i in range(n)), "N-none"]:
+        expected = answer(partial(graph_table.route_to_node, dest))
+        got = answer(partial(table.route_to_node, dest))
+        assert got == expected
+        if isinstance(got, Route):
+            assert math.isclose(got.total_cost, lengths[dest], rel_tol=1e-9, abs_tol=1e-9)
+            entry = table.entry(dest)
+            assert (entry.next_hop, entry.next_link_id, entry.next_kind) == (
+                got.next_hop, got.link_id, got.next_kind)
+        else:
+            assert dest not in lengths
+            assert isinstance(got, tuple)
+            assert got[0] is (ErrorCode.UNKNOWN_NODE if dest == "N-none" else ErrorCode.NO_ROUTE)
+    for sae in [*topo.saes, "nobody"]:
+        assert answer(partial(table.route_to_sae, sae)) == answer(
+            partial(graph_table.route_to_sae, sae, me))
+        assert answer(partial(table.node_of_sae, sae)) == answer(partial(topo.node_of_sae, sae))
+
+
+def test_forwarding_table_of_the_testbed(testbed: RoutingTable) -> None:
+    table = over_the_wire(testbed)
+    route = table.route_to_sae("SAE8")
+    assert route == testbed.route_to_sae("SAE8")
+    assert route.path == tuple(f"KMSTN{i}" for i in range(1, 9))
+    assert [h.kind for h in route.hops] == ["qkd", "pqc"] * 3 + ["qkd"]
+    assert (route.next_hop, route.next_kind, route.link_id) == ("KMSTN2", "qkd", "QKD-1-2")
+    assert table.route_to_sae("SAE1").is_local
+    assert table.node_of_sae("SAE8") == "KMSTN8"
+    testbed.set_link_state("PQC-4-5", False)
+    cut = over_the_wire(testbed)
+    assert cut.version == table.version + 1
+    with pytest.raises(KmstnError) as err:
+        cut.route_to_sae("SAE8")
+    assert err.value.code is ErrorCode.NO_ROUTE
+    assert err.value.public == "no path from KMSTN1 to KMSTN8: cut by links down: PQC-4-5"
+    assert cut.route_to_sae("SAE4").path[-1] == "KMSTN4"
+    assert cut.entry("KMSTN8").cut == ("PQC-4-5",)
+    # The table answered before the change still answers for its own version.
+    assert table.route_to_sae("SAE8") == route
+
+
+def test_forwarding_table_is_built_once_per_version(testbed: RoutingTable) -> None:
+    first = testbed.forwarding_table()
+    assert testbed.forwarding_table() is first
+    testbed.set_link_state("QKD-1-2", True)  # no change: same version, same table
+    assert testbed.forwarding_table() is first
+    testbed.set_link_state("QKD-1-2", False)
+    assert testbed.forwarding_table().version == first.version + 1
+
+
+def _mangle(table: RoutingTable, change: Callable[[routing_pb2.ForwardingTable], None]
+            ) -> routing_pb2.ForwardingTable:
+    msg = table_to_proto(table.forwarding_table())
+    change(msg)
+    return msg
+
+
+def _entry(msg: routing_pb2.ForwardingTable, node: str) -> routing_pb2.ForwardingTable.Entry:
+    return next(e for e in msg.entries if e.destination_node_id == node)
+
+
+@pytest.mark.parametrize("change", [
+    # A path that skips a node: no longer its parent's path plus one hop.
+    lambda m: _entry(m, "KMSTN4").path.remove("KMSTN3"),
+    # A last hop that does not enter the destination.
+    lambda m: setattr(_entry(m, "KMSTN3").last_hop, "to_node_id", "KMSTN9"),
+    # A next hop that is not the path's first hop.
+    lambda m: setattr(_entry(m, "KMSTN5"), "next_hop_node_id", "KMSTN8"),
+    lambda m: setattr(_entry(m, "KMSTN5"), "next_hop_kind", common_pb2.LINK_KIND_PQC),
+    # A path that does not start here.
+    lambda m: setattr(m, "self_node_id", "KMSTN2"),
+    # A link kind this version does not know.
+    lambda m: setattr(_entry(m, "KMSTN2").last_hop, "kind", 99),
+], ids=["skipped-node", "last-hop", "next-hop", "next-kind", "source", "kind"])
+def test_a_table_that_is_not_one_tree_is_refused(
+        testbed: RoutingTable, change: Callable[[routing_pb2.ForwardingTable], None]) -> None:
+    table_from_proto(_mangle(testbed, lambda m: None))  # the unmangled table is fine
+    with pytest.raises(ValueError, match="table 1"):
+        table_from_proto(_mangle(testbed, change))

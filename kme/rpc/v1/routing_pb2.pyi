@@ -6,7 +6,9 @@ Routing: where a key for a given SAE goes next (paper IV-D, made dynamic).
 Each node's routing service holds the federation topology as a weighted
 graph and answers shortest paths from its own node with Dijkstra
 (scipy.sparse.csgraph, one source at a time). Link state can change at run
-time; the next Route call sees the change.
+time; the next Route call sees the change. The other services of the node
+do not hold the graph: they follow the forwarding table the service pushes
+(WatchTable), so only the routing process carries scipy.
 """
 
 from collections import abc as _abc
@@ -31,9 +33,8 @@ class WatchRequest(_message.Message):
 
     HEARTBEAT_SECONDS_FIELD_NUMBER: _builtins.int
     heartbeat_seconds: _builtins.int
-    """Send the snapshot again after this many seconds without a change
-    (0 = the server's default), so a client can tell a quiet stream from a
-    dead one.
+    """Send the table again after this many seconds without a change (0 = the
+    server's default), so a client can tell a quiet stream from a dead one.
     """
     def __init__(
         self,
@@ -47,6 +48,121 @@ class WatchRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
+
+@_typing.final
+class ForwardingTable(_message.Message):
+    """This node's routes for one topology version: the next hop toward every
+    node of the federation, and which node serves each SAE.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Entry(_message.Message):
+        """Where to send a key for one destination node. Every path of one table
+        comes from the same shortest-path tree, so the path to any node on a
+        path is a prefix of it: a client rebuilds every hop of a path from the
+        last_hop of the entries of its nodes, and the table need not repeat
+        hops per destination.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        DESTINATION_NODE_ID_FIELD_NUMBER: _builtins.int
+        NEXT_HOP_NODE_ID_FIELD_NUMBER: _builtins.int
+        NEXT_LINK_ID_FIELD_NUMBER: _builtins.int
+        NEXT_HOP_KIND_FIELD_NUMBER: _builtins.int
+        TOTAL_COST_FIELD_NUMBER: _builtins.int
+        PATH_FIELD_NUMBER: _builtins.int
+        LAST_HOP_FIELD_NUMBER: _builtins.int
+        CUT_LINK_IDS_FIELD_NUMBER: _builtins.int
+        destination_node_id: _builtins.str
+        """The destination KMSTN (or foreign KMS)."""
+        next_hop_node_id: _builtins.str
+        """The neighbour to hand the key to; empty when the destination is this
+        node (no relay needed) or cannot be reached.
+        """
+        next_link_id: _builtins.str
+        """The link to that neighbour (the cheapest one up, when a pair has
+        several); empty when next_hop_node_id is.
+        """
+        next_hop_kind: _common_pb2.LinkKind.ValueType
+        """That link's kind (QKD or PQC decides how the hop is protected);
+        UNSPECIFIED when next_hop_node_id is empty.
+        """
+        total_cost: _builtins.float
+        """The sum of the link costs along path (0 for this node)."""
+        @_builtins.property
+        def path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+            """Every node on the path, this node first, destination last; a single
+            entry for this node; empty exactly when the destination cannot be
+            reached.
+            """
+
+        @_builtins.property
+        def last_hop(self) -> Global___Hop:
+            """The path's last hop, the one that enters the destination from the node
+            before it on path; unset for this node and when unreachable.
+            """
+
+        @_builtins.property
+        def cut_link_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+            """Only when unreachable: the links down that cut the part of the graph
+            this node reaches from the rest (sorted; empty when no link at all
+            joins the parts). The NO_ROUTE error names them.
+            """
+
+        def __init__(
+            self,
+            *,
+            destination_node_id: _builtins.str = ...,
+            next_hop_node_id: _builtins.str = ...,
+            next_link_id: _builtins.str = ...,
+            next_hop_kind: _common_pb2.LinkKind.ValueType = ...,
+            total_cost: _builtins.float = ...,
+            path: _abc.Iterable[_builtins.str] | None = ...,
+            last_hop: Global___Hop | None = ...,
+            cut_link_ids: _abc.Iterable[_builtins.str] | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["last_hop", b"last_hop"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["cut_link_ids", b"cut_link_ids", "destination_node_id", b"destination_node_id", "last_hop", b"last_hop", "next_hop_kind", b"next_hop_kind", "next_hop_node_id", b"next_hop_node_id", "next_link_id", b"next_link_id", "path", b"path", "total_cost", b"total_cost"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    SELF_NODE_ID_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    SAES_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """Changes whenever link state changes; equal to RouteResponse's
+    topology_version for routes computed on the same link state.
+    """
+    self_node_id: _builtins.str
+    """The node the table is for: the source of every path."""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___ForwardingTable.Entry]:
+        """One entry per node of the topology, this node included."""
+
+    @_builtins.property
+    def saes(self) -> _containers.RepeatedCompositeFieldContainer[Global___SaeInfo]:
+        """Which node serves each SAE (configured today; a later version learns it)."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        self_node_id: _builtins.str = ...,
+        entries: _abc.Iterable[Global___ForwardingTable.Entry] | None = ...,
+        saes: _abc.Iterable[Global___SaeInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "saes", b"saes", "self_node_id", b"self_node_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForwardingTable: _TypeAlias = ForwardingTable  # noqa: Y015
 
 @_typing.final
 class RouteRequest(_message.Message):
@@ -90,10 +206,15 @@ class Hop(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
     from_node_id: _builtins.str
+    """The node the hop leaves (nearer the source)."""
     to_node_id: _builtins.str
+    """The node it reaches."""
     link_id: _builtins.str
+    """The link it uses: the cheapest one up between the two nodes."""
     kind: _common_pb2.LinkKind.ValueType
+    """That link's kind."""
     cost: _builtins.float
+    """That link's current cost."""
     def __init__(
         self,
         *,
@@ -281,7 +402,9 @@ class SaeInfo(_message.Message):
     SAE_ID_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     sae_id: _builtins.str
+    """The SAE."""
     node_id: _builtins.str
+    """The KMSTN that serves it (its keys are stored and taken there)."""
     def __init__(
         self,
         *,

@@ -49,10 +49,10 @@ class RoutingStub:
                 request_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.TopologyRequest.SerializeToString,
                 response_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.TopologySnapshot.FromString,
                 _registered_method=True)
-        self.Watch = channel.unary_stream(
-                '/kme.rpc.v1.Routing/Watch',
+        self.WatchTable = channel.unary_stream(
+                '/kme.rpc.v1.Routing/WatchTable',
                 request_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.WatchRequest.SerializeToString,
-                response_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.TopologySnapshot.FromString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.ForwardingTable.FromString,
                 _registered_method=True)
 
 
@@ -82,12 +82,12 @@ class RoutingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Watch(self, request, context):
-        """The topology now, then again every time link state changes (and at
-        least every heartbeat). Clients on the hot path (the gateways' flows)
-        keep a replica from this stream and compute routes locally, so a route
-        costs no RPC while link changes still take effect as soon as they are
-        pushed.
+    def WatchTable(self, request, context):
+        """This node's forwarding table now, then again every time link state
+        changes (and at least every heartbeat). Clients on the hot path (the
+        flows, the relay) answer routes from the latest table in memory, so a
+        route costs no RPC and no graph code, while link changes still take
+        effect as soon as the new table is pushed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,10 +111,10 @@ def add_RoutingServicer_to_server(servicer, server):
                     request_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.TopologyRequest.FromString,
                     response_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.TopologySnapshot.SerializeToString,
             ),
-            'Watch': grpc.unary_stream_rpc_method_handler(
-                    servicer.Watch,
+            'WatchTable': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTable,
                     request_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.WatchRequest.FromString,
-                    response_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.TopologySnapshot.SerializeToString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.ForwardingTable.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -209,7 +209,7 @@ class Routing:
             _registered_method=True)
 
     @staticmethod
-    def Watch(request,
+    def WatchTable(request,
             target,
             options=(),
             channel_credentials=None,
@@ -222,9 +222,9 @@ class Routing:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/kme.rpc.v1.Routing/Watch',
+            '/kme.rpc.v1.Routing/WatchTable',
             kme_dot_rpc_dot_v1_dot_routing__pb2.WatchRequest.SerializeToString,
-            kme_dot_rpc_dot_v1_dot_routing__pb2.TopologySnapshot.FromString,
+            kme_dot_rpc_dot_v1_dot_routing__pb2.ForwardingTable.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,7 +6,9 @@ Routing: where a key for a given SAE goes next (paper IV-D, made dynamic).
 Each node's routing service holds the federation topology as a weighted
 graph and answers shortest paths from its own node with Dijkstra
 (scipy.sparse.csgraph, one source at a time). Link state can change at run
-time; the next Route call sees the change.
+time; the next Route call sees the change. The other services of the node
+do not hold the graph: they follow the forwarding table the service pushes
+(WatchTable), so only the routing process carries scipy.
 """
 
 from collections import abc as _abc
@@ -46,12 +48,12 @@ class RoutingStub:
     """Take a link down or up, or change its cost. Routes change at once."""
     Topology: _grpc.UnaryUnaryMultiCallable[_routing_pb2.TopologyRequest, _routing_pb2.TopologySnapshot]
     """The whole topology as this node sees it now."""
-    Watch: _grpc.UnaryStreamMultiCallable[_routing_pb2.WatchRequest, _routing_pb2.TopologySnapshot]
-    """The topology now, then again every time link state changes (and at
-    least every heartbeat). Clients on the hot path (the gateways' flows)
-    keep a replica from this stream and compute routes locally, so a route
-    costs no RPC while link changes still take effect as soon as they are
-    pushed.
+    WatchTable: _grpc.UnaryStreamMultiCallable[_routing_pb2.WatchRequest, _routing_pb2.ForwardingTable]
+    """This node's forwarding table now, then again every time link state
+    changes (and at least every heartbeat). Clients on the hot path (the
+    flows, the relay) answer routes from the latest table in memory, so a
+    route costs no RPC and no graph code, while link changes still take
+    effect as soon as the new table is pushed.
     """
 
 @_typing.type_check_only
@@ -66,12 +68,12 @@ class RoutingAsyncStub(RoutingStub):
     """Take a link down or up, or change its cost. Routes change at once."""
     Topology: _aio.UnaryUnaryMultiCallable[_routing_pb2.TopologyRequest, _routing_pb2.TopologySnapshot]  # type: ignore[assignment]
     """The whole topology as this node sees it now."""
-    Watch: _aio.UnaryStreamMultiCallable[_routing_pb2.WatchRequest, _routing_pb2.TopologySnapshot]  # type: ignore[assignment]
-    """The topology now, then again every time link state changes (and at
-    least every heartbeat). Clients on the hot path (the gateways' flows)
-    keep a replica from this stream and compute routes locally, so a route
-    costs no RPC while link changes still take effect as soon as they are
-    pushed.
+    WatchTable: _aio.UnaryStreamMultiCallable[_routing_pb2.WatchRequest, _routing_pb2.ForwardingTable]  # type: ignore[assignment]
+    """This node's forwarding table now, then again every time link state
+    changes (and at least every heartbeat). Clients on the hot path (the
+    flows, the relay) answer routes from the latest table in memory, so a
+    route costs no RPC and no graph code, while link changes still take
+    effect as soon as the new table is pushed.
     """
 
 class RoutingServicer(metaclass=_abc_1.ABCMeta):
@@ -103,16 +105,16 @@ class RoutingServicer(metaclass=_abc_1.ABCMeta):
         """The whole topology as this node sees it now."""
 
     @_abc_1.abstractmethod
-    def Watch(
+    def WatchTable(
         self,
         request: _routing_pb2.WatchRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_routing_pb2.TopologySnapshot], _abc.AsyncIterator[_routing_pb2.TopologySnapshot]]:
-        """The topology now, then again every time link state changes (and at
-        least every heartbeat). Clients on the hot path (the gateways' flows)
-        keep a replica from this stream and compute routes locally, so a route
-        costs no RPC while link changes still take effect as soon as they are
-        pushed.
+    ) -> _typing.Union[_abc.Iterator[_routing_pb2.ForwardingTable], _abc.AsyncIterator[_routing_pb2.ForwardingTable]]:
+        """This node's forwarding table now, then again every time link state
+        changes (and at least every heartbeat). Clients on the hot path (the
+        flows, the relay) answer routes from the latest table in memory, so a
+        route costs no RPC and no graph code, while link changes still take
+        effect as soon as the new table is pushed.
         """
 
 def add_RoutingServicer_to_server(servicer: RoutingServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
