@@ -30,7 +30,7 @@ lint: venv
 	$(BIN)/ruff check .
 
 type: venv
-	$(BIN)/mypy kme routing keyvault relay gateway
+	$(BIN)/mypy kme routing keyvault relay gateway lab
 
 protos: venv
 	$(BIN)/python protos/generate.py --check

@@ -3,9 +3,11 @@
 #   libtss2-dev + pkg-config: to build tpm2-pytss;  swtpm + swtpm-tools: the
 #   emulated TPM used when no hardware TPM is present (labs, CI, the demo);
 #   util-linux: setpriv, which ties swtpm's life to the keyvault's;
-#   systemd: systemd-analyze, which the tests use to verify deploy/systemd units.
+#   systemd: systemd-analyze, which the tests use to verify deploy/systemd units;
+#   openssl: s_server/s_client, the unmodified TLS 1.3 consumer of kmstn keys
+#   in the tests (external PSK).
 set -euo pipefail
-packages=(libtss2-dev pkg-config swtpm swtpm-tools util-linux systemd)
+packages=(libtss2-dev pkg-config swtpm swtpm-tools util-linux systemd openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -10,6 +10,7 @@
     kmstn federation up|status|down|restart --state DIR [--topology FILE]
     kmstn sae get-key --state DIR --sae SAE --slave SLAVE [--number N] [--size BITS]
     kmstn sae get-key-with-ids --state DIR --sae SAE --master MASTER KEY_ID...
+    kmstn sae rotate --state DIR --sae SAE --peer PEER --role master|slave ...
     kmstn bench keyrate|delay|concurrency|resources --state DIR
 
 Exit codes: 0 success, 1 a service refused the request or a federation
@@ -238,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--state", required=True)
         p.add_argument("--sae", required=True)
         p.set_defaults(func=cmd_sae)
+    from lab.rotate import add_rotate_parser  # lab tooling (issue 14)
+
+    add_rotate_parser(sae_sub)
 
     bench = sub.add_parser("bench", help="measure a running federation (paper section VI)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

@@ -36,6 +36,31 @@ Choices where the spec is silent (spec note section 6):
   and others); a plain object is split into one-entry objects.
 - The GET form of enc_keys takes only ``number`` and ``size``, each at most
   once; the GET form of dec_keys takes exactly one ``key_ID``.
+
+The northbound gateway reads SAE requests with ``lenient=True`` (through
+:func:`read_key_request` and :func:`read_key_ids`), because the clients people
+run (PSK rotators, IPsec plugins, firewalls, conformance probes) differ where
+the spec leaves room; the QKD device emulator stays strict, as the stricter
+peer our southbound client must satisfy. Lenient means:
+
+- ``dec_keys?key_ID=`` may name several IDs, repeated (``key_ID=a&key_ID=b``)
+  or comma-separated (``key_ID=a,b``); all are read (never only the first)
+  and the request is all-or-nothing like the POST form; duplicates are 400.
+- In Key IDs (clause 4.4) unknown fields, at the top or in an entry, are
+  ignored like the optional ``key_ID_extension`` and ``key_IDs_extension``:
+  the body means only its key IDs, so nothing unknown can change what is
+  taken.
+- ``extension_optional`` that is not an array of objects (or one object) is
+  ignored: clause 4.2 lets a KME ignore optional extensions whatever they hold.
+- A POST without a body but with ``number``/``size`` (enc_keys) or
+  ``key_ID`` (dec_keys) in the query is read as the GET form rather than as
+  an empty request; a POST with both a body and a query string is 400, never
+  half-read.
+
+Strict still, because there a silent default would change what an SAE gets:
+unknown fields of a Key request (``numbr`` must not become one key), unknown
+query parameters, ``extension_mandatory`` of any shape or name we do not
+implement (clause 4.2), and every number, size and UUID rule.
 """
 
 from __future__ import annotations
@@ -82,6 +107,8 @@ __all__ = [
     "parse_status_body",
     "path_sae_id",
     "permission_denied",
+    "read_key_ids",
+    "read_key_request",
     "status_body",
 ]
 
@@ -266,9 +293,17 @@ def _load_json(body: bytes) -> Any:
         raise _bad("request body is not valid UTF-8 JSON") from None
 
 
-def _extensions(value: object, name: str) -> tuple[dict[str, Any], ...]:
-    """Array of name/value objects (clause 4.2), or one plain object (note section 6)."""
+def _extensions(value: object, name: str, *, ignorable: bool = False
+                ) -> tuple[dict[str, Any], ...]:
+    """Array of name/value objects (clause 4.2), or one plain object (note section 6).
+
+    ``ignorable``: an optional extension of any other shape is dropped, as the
+    KME may ignore it (clause 4.2), instead of refused.
+    """
     if value is None:
+        return ()
+    if ignorable and not (isinstance(value, dict) or (
+            isinstance(value, list) and all(isinstance(v, dict) for v in value))):
         return ()
     if isinstance(value, dict):
         items = [{k: v} for k, v in value.items()]
@@ -304,13 +339,15 @@ def check_extensions(req: KeyRequest, supported: Collection[str] = ()) -> None:
 
 
 def parse_key_request_body(body: bytes, limits: KeyLimits, *,
-                           supported_extensions: Collection[str] = ()) -> KeyRequest:
+                           supported_extensions: Collection[str] = (),
+                           lenient: bool = False) -> KeyRequest:
     """The POST form of Get key (clause 5.2, Key request of clause 4.2).
 
     A zero-byte body and ``{}`` both mean "one key of the default size".
     Mandatory extensions not in ``supported_extensions`` are refused (400,
     ``not all extension_mandatory parameters are supported``); optional ones
-    are kept in the result and may be ignored.
+    are kept in the result and may be ignored. ``lenient``: an
+    ``extension_optional`` of another shape is ignored (module docstring).
     """
     if not body.strip():
         return KeyRequest(number=1, size=limits.key_size)
@@ -342,7 +379,8 @@ def parse_key_request_body(body: bytes, limits: KeyLimits, *,
         size=size,
         additional_slave_sae_ids=slaves,
         extension_mandatory=_extensions(obj.get("extension_mandatory"), "extension_mandatory"),
-        extension_optional=_extensions(obj.get("extension_optional"), "extension_optional"),
+        extension_optional=_extensions(obj.get("extension_optional"), "extension_optional",
+                                       ignorable=lenient),
     )
     check_extensions(req, supported_extensions)
     return req
@@ -394,26 +432,48 @@ def _key_id(value: object) -> uuid.UUID:
         raise _bad("key_ID must be a UUID string") from None
 
 
-def parse_key_ids_query(args: Mapping[str, Sequence[str]]) -> list[uuid.UUID]:
-    """The GET form of Get key with key IDs (clause 5.3): exactly one ``key_ID``."""
+def _unique(ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    if len(set(ids)) != len(ids):
+        raise _bad("key_IDs has duplicate entries")
+    return ids
+
+
+def parse_key_ids_query(args: Mapping[str, Sequence[str]], *, lenient: bool = False,
+                        max_ids: int = MAX_KEY_IDS) -> list[uuid.UUID]:
+    """The GET form of Get key with key IDs (clause 5.3): exactly one ``key_ID``.
+
+    ``lenient``: one or several, repeated or comma-separated, every one read
+    (module docstring); at most ``max_ids``, no duplicates.
+    """
     extra = sorted(set(args) - {"key_ID"})
     if extra:
         raise _bad(f"query parameter {_shown(extra[0])} is not allowed: the GET form of "
-                   "dec_keys takes one key_ID; POST Key IDs for more")
+                   "dec_keys takes key_ID only; POST Key IDs for extensions")
     values = args.get("key_ID", ())
+    if lenient:
+        parts = [part for value in values for part in value.split(",")]
+        if not parts:
+            raise _bad("the GET form of dec_keys needs a key_ID")
+        if len(parts) > max_ids:
+            raise _bad(f"more than {max_ids} key_ID values")
+        return _unique([_key_id(part.strip()) for part in parts])
     if len(values) != 1:
         # Spec note section 6: repeated values are refused, never half-read.
         raise _bad("the GET form of dec_keys takes exactly one key_ID; POST Key IDs for more")
     return [_key_id(values[0])]
 
 
-def parse_key_ids_body(body: bytes, *, max_ids: int = MAX_KEY_IDS) -> list[uuid.UUID]:
-    """The POST form of Get key with key IDs: Key IDs of clause 4.4."""
+def parse_key_ids_body(body: bytes, *, max_ids: int = MAX_KEY_IDS,
+                       lenient: bool = False) -> list[uuid.UUID]:
+    """The POST form of Get key with key IDs: Key IDs of clause 4.4.
+
+    ``lenient``: unknown fields, at the top or in an entry, are ignored.
+    """
     obj = _load_json(body) if body.strip() else None
     if not isinstance(obj, dict):
         raise _bad("the Key IDs body must be a JSON object with key_IDs")
     extra = sorted(set(obj) - {"key_IDs", "key_IDs_extension"})
-    if extra:
+    if extra and not lenient:
         raise _bad(f"unknown field {_shown(extra[0])} in Key IDs")
     raw = obj.get("key_IDs")
     if not isinstance(raw, list) or not raw:
@@ -424,12 +484,43 @@ def parse_key_ids_body(body: bytes, *, max_ids: int = MAX_KEY_IDS) -> list[uuid.
     for item in raw:
         if not isinstance(item, dict) or "key_ID" not in item:
             raise _bad("each key_IDs entry must be an object with a key_ID")
-        if set(item) - {"key_ID", "key_ID_extension"}:
+        if set(item) - {"key_ID", "key_ID_extension"} and not lenient:
             raise _bad("key_IDs entries take only key_ID and key_ID_extension")
         ids.append(_key_id(item["key_ID"]))
-    if len(set(ids)) != len(ids):
-        raise _bad("key_IDs has duplicate entries")
-    return ids
+    return _unique(ids)
+
+
+def read_key_request(method: str, args: Mapping[str, Sequence[str]], body: bytes,
+                     limits: KeyLimits, *, supported_extensions: Collection[str] = ()
+                     ) -> KeyRequest:
+    """Get key (clause 5.2) as the northbound gateway reads it: GET or POST, lenient.
+
+    GET reads the query; POST reads the body, or, with no body, a query of
+    ``number``/``size`` like the GET form (a client that POSTs ``?number=5``
+    must not silently get one key); a POST with both is 400.
+    """
+    if method == "GET" or (not body.strip() and args):
+        return parse_key_request_query(args, limits)
+    if args:
+        raise _bad("a POST to enc_keys carries its Key request in the body or in the query "
+                   "string, not in both")
+    return parse_key_request_body(body, limits, supported_extensions=supported_extensions,
+                                  lenient=True)
+
+
+def read_key_ids(method: str, args: Mapping[str, Sequence[str]], body: bytes
+                 ) -> list[uuid.UUID]:
+    """Get key with key IDs (clause 5.3) as the northbound gateway reads it, lenient.
+
+    GET reads ``key_ID`` from the query (one or several); POST reads Key IDs
+    from the body, or, with no body, ``key_ID`` from the query; both is 400.
+    """
+    if method == "GET" or (not body.strip() and args):
+        return parse_key_ids_query(args, lenient=True)
+    if args:
+        raise _bad("a POST to dec_keys carries its key IDs in the body or in the query "
+                   "string, not in both")
+    return parse_key_ids_body(body, lenient=True)
 
 
 # -- rendering (server side) ---------------------------------------------------------

@@ -283,6 +283,9 @@ class Flows:
         self._relay_timeout = config.gateway.relay_timeout_ms / 1000
         self._qkd_links = {link.other(self.node): link for link in self.topology.qkd_links
                            if self.node in (link.a, link.b)}
+        # Devices' stored_key_count as last read, per link (see _stored_on).
+        self._stored: dict[str, tuple[float, int]] = {}
+        self._stored_lock = threading.Lock()
 
     def in_background(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the flows' pool (asynchronous ETSI 020 requests)."""
@@ -326,7 +329,13 @@ class Flows:
         for dest in dests:
             if dest == self.node:
                 continue
-            hop = self.routing.route_to_node(dest).next_hop
+            try:
+                hop = self.routing.route_to_node(dest).next_hop
+            except KmstnError as exc:
+                # No path now: status still answers; enc_keys checks every route itself.
+                if exc.code is not ErrorCode.NO_ROUTE:
+                    raise
+                continue
             if hop in self._qkd_links:
                 device = self.devices.toward(hop)
                 if device is not None:
@@ -352,6 +361,8 @@ class Flows:
 
     def _draw(self, device: DevicePort | None, number: int, size: int) -> list[Key]:
         if device is not None:
+            with self._stored_lock:
+                self._stored.pop(device.link.id, None)  # the count changes now
             return device.enc_keys(number, size)
         nbytes = (size + 7) // 8
         keys = []
@@ -365,16 +376,25 @@ class Flows:
     # -- ETSI 014: status --------------------------------------------------------
 
     def status(self, master: str, slave: str) -> dict[str, Any]:
-        """ETSI 014 clause 4.1 Status for this master and ``slave``."""
+        """ETSI 014 clause 4.1 Status for this master and ``slave``.
+
+        Complete and cheap whatever the network does: SAEs (firewalls among
+        them) poll it as a liveness probe, and clause 4.1 has no "unknown"
+        value, so a path that is down or a device that does not answer shows
+        as ``stored_key_count`` 0, not as an error. ``stored_key_count`` never
+        exceeds ``max_key_count`` (clause 4.1: the most it can reach).
+        """
         self.own_sae(master)
         dest = self._node_of(slave)
         if slave == master:
             raise KmstnError(ErrorCode.INVALID_ARGUMENT, "slave_SAE_ID must differ from the "
                              "master_SAE_ID")
         limits = self.limits(slave)
-        stored = limits.max_key_count
-        if limits.source_link is not None:
-            stored = int(self.devices.for_link(limits.source_link).status().stored_key_count)
+        stored = 0
+        if self._reachable(dest):
+            stored = (limits.max_key_count if limits.source_link is None
+                      else self._stored_on(limits.source_link))
+        stored = min(stored, limits.max_key_count)
         return {
             "source_KME_ID": self.node,
             "target_KME_ID": dest,
@@ -388,6 +408,41 @@ class Flows:
             "min_key_size": limits.min_key_size,
             "max_SAE_ID_count": limits.max_sae_id_count,
         }
+
+    STATUS_MAX_AGE_S = 1.0
+
+    def _stored_on(self, link_id: str) -> int:
+        """The device's stored_key_count, read at most once a second (0 if it does not answer).
+
+        A poller must not cost one device round trip per probe; a draw through
+        this node forgets the copy (``_draw``), so the count it shows after
+        its own enc_keys is exact. Other processes' draws show within a second.
+        """
+        now = time.monotonic()
+        with self._stored_lock:
+            seen = self._stored.get(link_id)
+        if seen is not None and now - seen[0] < self.STATUS_MAX_AGE_S:
+            return seen[1]
+        try:
+            stored = int(self.devices.for_link(link_id).status().stored_key_count)
+        except KmstnError as exc:
+            self.log.warning("status: device %s did not answer (%s)", link_id, exc.code.name)
+            stored = 0
+        with self._stored_lock:
+            self._stored[link_id] = (now, stored)
+        return stored
+
+    def _reachable(self, dest: NodeId) -> bool:
+        """Whether keys for ``dest`` can travel now (this node, a QKD neighbour, or a route)."""
+        if dest == self.node or dest in self._qkd_links:
+            return True
+        try:
+            self.routing.route_to_node(dest)
+        except KmstnError as exc:
+            if exc.code is not ErrorCode.NO_ROUTE:
+                raise
+            return False
+        return True
 
     # -- ETSI 014: enc_keys ------------------------------------------------------
 

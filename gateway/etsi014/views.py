@@ -2,7 +2,8 @@
 
 The caller is always the SAE named in its verified certificate; the path
 holds only the peer SAE ID. Parsing and limits live in kme.etsi014 (shared
-with the QKD device emulator), the delivery logic in kme.flows.
+with the QKD device emulator; the gateway reads requests leniently, as its
+docstring says), the delivery logic in kme.flows.
 """
 
 from __future__ import annotations
@@ -55,10 +56,8 @@ def enc_keys(slave: str) -> Response:
     slave = sae_id(slave)
     with kmelog.log_context(sae_id=master):
         limits = _limits(flows, slave)
-        if request.method == "GET":
-            req = etsi014.parse_key_request_query(request.args.to_dict(flat=False), limits)
-        else:
-            req = etsi014.parse_key_request_body(request.get_data(), limits)
+        req = etsi014.read_key_request(request.method, request.args.to_dict(flat=False),
+                                       request.get_data(), limits)
         etsi014.check_slaves(master, slave, req, limits)
         keys = flows.enc_keys(master, slave, req.number, req.size, req.additional_slave_sae_ids)
         return json_response(etsi014.key_container(keys))
@@ -71,9 +70,7 @@ def dec_keys(master: str) -> Response:
     slave = _caller(flows)
     master = sae_id(master)
     with kmelog.log_context(sae_id=slave):
-        if request.method == "GET":
-            key_ids = etsi014.parse_key_ids_query(request.args.to_dict(flat=False))
-        else:
-            key_ids = etsi014.parse_key_ids_body(request.get_data())
+        key_ids = etsi014.read_key_ids(request.method, request.args.to_dict(flat=False),
+                                       request.get_data())
         keys = flows.dec_keys(slave, master, key_ids)
         return json_response(etsi014.key_container(keys))
