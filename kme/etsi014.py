@@ -448,7 +448,7 @@ def parse_key_ids_query(args: Mapping[str, Sequence[str]], *, lenient: bool = Fa
     extra = sorted(set(args) - {"key_ID"})
     if extra:
         raise _bad(f"query parameter {_shown(extra[0])} is not allowed: the GET form of "
-                   "dec_keys takes key_ID only; POST Key IDs for extensions")
+                   "dec_keys takes key_ID only; POST Key IDs for more")
     values = args.get("key_ID", ())
     if lenient:
         parts = [part for value in values for part in value.split(",")]

@@ -283,8 +283,9 @@ class Flows:
         self._relay_timeout = config.gateway.relay_timeout_ms / 1000
         self._qkd_links = {link.other(self.node): link for link in self.topology.qkd_links
                            if self.node in (link.a, link.b)}
-        # Devices' stored_key_count as last read, per link (see _stored_on).
+        # Devices' stored_key_count as last read, and draws so far, per link (_stored_on).
         self._stored: dict[str, tuple[float, int]] = {}
+        self._draws: dict[str, int] = defaultdict(int)
         self._stored_lock = threading.Lock()
 
     def in_background(self, fn: Callable[[], None]) -> None:
@@ -361,8 +362,9 @@ class Flows:
 
     def _draw(self, device: DevicePort | None, number: int, size: int) -> list[Key]:
         if device is not None:
-            with self._stored_lock:
-                self._stored.pop(device.link.id, None)  # the count changes now
+            with self._stored_lock:  # the count changes now
+                self._draws[device.link.id] += 1
+                self._stored.pop(device.link.id, None)
             return device.enc_keys(number, size)
         nbytes = (size + 7) // 8
         keys = []
@@ -420,7 +422,7 @@ class Flows:
         """
         now = time.monotonic()
         with self._stored_lock:
-            seen = self._stored.get(link_id)
+            seen, draws = self._stored.get(link_id), self._draws[link_id]
         if seen is not None and now - seen[0] < self.STATUS_MAX_AGE_S:
             return seen[1]
         try:
@@ -429,7 +431,8 @@ class Flows:
             self.log.warning("status: device %s did not answer (%s)", link_id, exc.code.name)
             stored = 0
         with self._stored_lock:
-            self._stored[link_id] = (now, stored)
+            if self._draws[link_id] == draws:  # else a draw made this count stale already
+                self._stored[link_id] = (now, stored)
         return stored
 
     def _reachable(self, dest: NodeId) -> bool:
