@@ -59,6 +59,10 @@ def create_app(api: Api, config: NodeConfig, flows: Flows) -> Flask:
             return json_response(None, status, raw=body)
 
     app.register_blueprint(blueprint)
+    if api == "etsi014":
+        from gateway.skip.views import blueprint as skip  # SKIP beside 014 (issue 14)
+
+        app.register_blueprint(skip)
 
     @app.get("/healthz")
     def healthz() -> Response:

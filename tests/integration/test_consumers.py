@@ -408,3 +408,58 @@ def test_status_is_complete_while_the_path_is_down(line: Line) -> None:
     assert down["stored_key_count"] == 0
     assert {k: v for k, v in down.items() if k != "stored_key_count"} == \
         {k: v for k, v in up.items() if k != "stored_key_count"}
+
+
+# -- SKIP (draft-cisco-skip-02) with the PyPI skip-qkd client ---------------------------------
+
+
+def skip(line: Line, sae: str, node: str) -> Any:
+    """skip-qkd's client, mutual TLS as the SAE (it makes one request per connection)."""
+    from skip_qkd import MTLSConfig, SkipQKDClient
+
+    cert, key = line.cert(sae)
+    return SkipQKDClient(line.url(node).removeprefix("https://"), sae,
+                         mtls_config=MTLSConfig(ca_file=line.ca, cert_file=cert, key_file=key))
+
+
+def test_skip_client_gets_one_key_at_both_ends_three_hops_apart(line: Line) -> None:
+    caps = skip(line, "sae-w", "W").capabilities()
+    assert caps["key"] is True and caps["localSystemID"] == "sae-w"
+    assert "sae-z" in caps["remoteSystemID"] and "sae-w" not in caps["remoteSystemID"]
+    new = skip(line, "sae-w", "W").request_key("sae-z", size=256)
+    assert len(new["keyId"]) == 32 and len(bytes.fromhex(new["key"])) == 32
+    got = skip(line, "sae-z", "Z").fetch_key_by_id(new["keyId"], "sae-w")
+    assert got == new
+    with pytest.raises(RuntimeError, match=" 404 "):  # taken once
+        skip(line, "sae-z", "Z").fetch_key_by_id(new["keyId"], "sae-w")
+
+
+def test_skip_and_etsi014_are_the_same_keys(line: Line) -> None:
+    """A key asked for over SKIP is the kmstn key of that ID over ETSI 014 too."""
+    new = skip(line, "sae-w", "W").request_key("sae-z")
+    key_id, slave_copy = one_key(session(line, "sae-z").get(
+        line.url("Z") + "/api/v1/keys/sae-w/dec_keys",
+        params={"key_ID": str(uuid.UUID(hex=new["keyId"]))}, timeout=30))
+    assert uuid.UUID(key_id).hex == new["keyId"] and slave_copy.hex() == new["key"]
+
+
+def test_skip_errors_and_entropy(line: Line) -> None:
+    new = skip(line, "sae-w", "W").request_key("sae-z")
+    # The master cannot take the slave's copy, nor can an SAE at the wrong KMSTN.
+    with pytest.raises(RuntimeError, match=" 404 "):
+        skip(line, "sae-w", "W").fetch_key_by_id(new["keyId"], "sae-z")
+    with pytest.raises(RuntimeError, match=" 401 "):
+        skip(line, "sae-z", "W").fetch_key_by_id(new["keyId"], "sae-w")
+    for bad in ({"remoteSystemID": "sae-z", "size": "17"}, {"remoteSystemID": "nobody"},
+                {"remoteSystemID": "sae-w"}, {}, {"remoteSystemID": "sae-z", "number": "2"}):
+        resp = session(line, "sae-w").get(line.url("W") + "/key", params=bad, timeout=30)
+        assert resp.status_code == 400, (bad, resp.text)
+        assert isinstance(resp.json()["message"], str)
+    resp = session(line, "sae-z").get(line.url("Z") + "/key/not-a-key-id",
+                                      params={"remoteSystemID": "sae-w"}, timeout=30)
+    assert resp.status_code == 400 and resp.json()["message"]
+    # The slave still gets its key after all of that.
+    assert skip(line, "sae-z", "Z").fetch_key_by_id(new["keyId"], "sae-w") == new
+    assert len(bytes.fromhex(skip(line, "sae-w", "W").entropy()["randomStr"])) == 32
+    got = skip(line, "sae-w", "W").entropy(minentropy=512)
+    assert got["minentropy"] == 512 and len(bytes.fromhex(got["randomStr"])) == 64
