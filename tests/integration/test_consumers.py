@@ -12,6 +12,7 @@ master sae-w at W, slave sae-z at Z, three hops and two QKD islands apart.
   the handshake fails on both sides.
 - ``kmstn sae rotate`` feeding both ends, retrying while the path is down.
 - Status stays complete while the path is down.
+- SKIP (draft-cisco-skip-02) with the PyPI ``skip-qkd`` client, unmodified.
 """
 
 from __future__ import annotations
