@@ -336,4 +336,10 @@ def run(args: argparse.Namespace) -> int:
     except RotateError as exc:
         log(str(exc))
         return 1
+    except BrokenPipeError:
+        # The reader of our key IDs (the peer's side) went away.
+        log("stdout closed: the peer no longer reads key IDs")
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # so that flushing at exit fails no more
+        return 1
     return 0

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -342,18 +343,34 @@ def test_sae_rotate_feeds_both_ends_the_same_keys(line: Line, tmp_path: Path) ->
 
 
 def _link(line: Line, state: str) -> None:
+    """Take PQC-X-Y down or up in W's routing, and wait until W's gateway acts on it.
+
+    The gateway's route replica follows the routing service asynchronously, so
+    the change is seen where it matters: enc_keys toward sae-z answers 503
+    (down), or status counts keys again (up). The wait is bounded; nothing is
+    timed.
+    """
     got = run_cli(["-m", "kme", "link", "--config", str(line.node_file("W")), PQC_LINK, state])
     assert got.returncode == 0, got.stderr
+    master = session(line, "sae-w")
+    for _ in range(600):
+        if state == "down":
+            resp = master.get(line.url("W") + "/api/v1/keys/sae-z/enc_keys", timeout=30)
+            if resp.status_code == 503:
+                return
+        else:
+            resp = master.get(line.url("W") + "/api/v1/keys/sae-z/status", timeout=30)
+            if resp.status_code == 200 and resp.json()["stored_key_count"] > 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"W's gateway did not follow {PQC_LINK} {state}: {resp.text}")
 
 
 def test_sae_rotate_retries_503_until_the_path_is_back(line: Line, tmp_path: Path) -> None:
     """With the PQC hop down, enc_keys answers 503; rotate backs off and tries
     again, and gets its key once the link is up."""
-    _link(line, "down")
+    _link(line, "down")  # enc_keys answers 503 now
     try:
-        resp = session(line, "sae-w").get(line.url("W") + "/api/v1/keys/sae-z/enc_keys",
-                                          timeout=30)
-        assert resp.status_code == 503, resp.text
         master = subprocess.Popen(
             _rotate(line, "sae-w", "sae-z", "master", tmp_path, "--count", "1",
                     "--max-delay", "1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
