@@ -5,8 +5,12 @@
 #   util-linux: setpriv, which ties swtpm's life to the keyvault's;
 #   systemd: systemd-analyze, which the tests use to verify deploy/systemd units;
 #   chromium + fonts-dejavu-core: the headless browser of the dashboard test.
+#   openssl: s_server/s_client, the unmodified TLS 1.3 consumer of kmstn keys
+#   in the tests (external PSK); libssl-dev: to build sslpsk3, the TLS-PSK
+#   module of the SKIP client the tests use.
 set -euo pipefail
-packages=(libtss2-dev pkg-config swtpm swtpm-tools util-linux systemd chromium fonts-dejavu-core)
+packages=(libtss2-dev pkg-config swtpm swtpm-tools util-linux systemd chromium fonts-dejavu-core
+          openssl libssl-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

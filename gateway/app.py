@@ -61,6 +61,10 @@ def create_app(api: Api, config: NodeConfig, edge: Edge) -> Flask:
             return json_response(None, status, raw=body)
 
     app.register_blueprint(blueprint)
+    if api == "etsi014":
+        from gateway.skip.views import blueprint as skip  # SKIP beside 014 (issue 14)
+
+        app.register_blueprint(skip)
 
     @app.get("/healthz")
     def healthz() -> Response:

@@ -1,4 +1,5 @@
-"""The only ETSI status tables of kmstn: ErrorCode -> HTTP for ETSI 014 and ETSI 020.
+"""The only ETSI status tables of kmstn: ErrorCode -> HTTP for ETSI 014 and ETSI 020
+(and for SKIP, draft-cisco-skip-02, served beside ETSI 014).
 
 ETSI GS QKD 014 V1.1.1 (clause 5, status codes): 400 and 503 carry the Error
 body ``{"message": ..., "details": [...]}``; 401 carries one too (the spec
@@ -22,7 +23,8 @@ from typing import Any, Final
 
 from kme.errors import ErrorCode, KmstnError
 
-__all__ = ["ETSI014_STATUS", "Etsi020Problem", "etsi014_error", "etsi020_problem"]
+__all__ = ["ETSI014_STATUS", "SKIP_STATUS", "Etsi020Problem", "etsi014_error", "etsi020_problem",
+           "skip_error"]
 
 # -- ETSI GS QKD 014 ---------------------------------------------------------
 
@@ -153,3 +155,22 @@ def etsi020_problem(exc: KmstnError) -> tuple[int, bytes]:
         "details": details,
     }
     return problem.status, json.dumps(body, separators=(",", ":")).encode()
+
+
+# -- SKIP (draft-cisco-skip-02) -------------------------------------------------
+
+# The ETSI 014 table, except that an unknown or already taken key ID is the
+# draft's 404 (SKIP has one, ETSI 014 has not).
+SKIP_STATUS: Final[dict[ErrorCode, int]] = {**ETSI014_STATUS, ErrorCode.KEY_NOT_FOUND: 404}
+SKIP_KEY_NOT_FOUND: Final = "keyId not found for this system"
+
+
+def skip_error(exc: KmstnError) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, ``{"message": ...}``) for a failure on the SKIP API."""
+    if exc.code is ErrorCode.INTERNAL:
+        message = "internal error"
+    elif exc.code is ErrorCode.KEY_NOT_FOUND:
+        message = SKIP_KEY_NOT_FOUND  # reveals nothing about other systems' keys
+    else:
+        message = exc.public
+    return SKIP_STATUS[exc.code], {"message": message}

@@ -10,6 +10,7 @@
     kmstn federation up|status|down|restart --state DIR [--topology FILE]
     kmstn sae get-key --state DIR --sae SAE --slave SLAVE [--number N] [--size BITS]
     kmstn sae get-key-with-ids --state DIR --sae SAE --master MASTER KEY_ID...
+    kmstn sae rotate --state DIR --sae SAE --peer PEER --role master|slave ...
     kmstn bench keyrate|delay|concurrency|resources|all --state DIR
     kmstn dashboard --state DIR [--port 8090]    a live picture of a lab federation
     kmstn trace --state DIR KEY_ID               one key's path through a lab's logs
@@ -36,6 +37,7 @@ from lab.federation import Federation, FederationError
 from lab.federation_status import render_status
 from lab.logs import trace_key
 from lab.pki import CertificateAuthority, issue_for_topology
+from lab.rotate import add_rotate_parser
 from lab.saeclient import SaeClient
 
 __all__ = ["build_parser", "main"]
@@ -158,6 +160,7 @@ def add_sae(sub: Subcommands) -> None:
         p.add_argument("--state", required=True)
         p.add_argument("--sae", required=True)
         p.set_defaults(func=cmd_sae)
+    add_rotate_parser(sae_sub)
 
 
 def add_bench(sub: Subcommands) -> None:

@@ -2,10 +2,11 @@
 
 The caller is always the SAE named in its verified certificate; the path
 holds only the peer SAE ID. Parsing and limits live in kme.etsi014 (shared
-with the QKD device emulator); the request's limits come from
-kme.flows.limits_for (configuration and routes, no call). Get key and Get
-status are then one call to the relay, which owns delivery; Get key with key
-IDs is one take from the keyvault.
+with the QKD device emulator; the gateway reads requests leniently, as its
+docstring says); the request's limits come from kme.flows.limits_for
+(configuration and routes, no call). Get key and Get status are then one call
+to the relay, which owns delivery; Get key with key IDs is one take from the
+keyvault.
 """
 
 from __future__ import annotations
@@ -54,10 +55,8 @@ def enc_keys(slave: str) -> Response:
     with kmelog.log_context(sae_id=master):
         assert edge.routes is not None  # noqa: S101 - the 014 edge is built with routes
         limits, _ = limits_for(edge.config, edge.routes, slave)
-        if request.method == "GET":
-            req = etsi014.parse_key_request_query(request.args.to_dict(flat=False), limits)
-        else:
-            req = etsi014.parse_key_request_body(request.get_data(), limits)
+        req = etsi014.read_key_request(request.method, request.args.to_dict(flat=False),
+                                       request.get_data(), limits)
         etsi014.check_slaves(master, slave, req, limits)
         deadline = Deadline.after(edge.config.gateway.relay_timeout_ms / 1000)
         keys = edge.relay.get_keys(master, (slave, *req.additional_slave_sae_ids), req.number,
@@ -72,10 +71,8 @@ def dec_keys(master: str) -> Response:
     slave = _caller(edge)
     master = sae_id(master)
     with kmelog.log_context(sae_id=slave):
-        if request.method == "GET":
-            key_ids = etsi014.parse_key_ids_query(request.args.to_dict(flat=False))
-        else:
-            key_ids = etsi014.parse_key_ids_body(request.get_data())
+        key_ids = etsi014.read_key_ids(request.method, request.args.to_dict(flat=False),
+                                       request.get_data())
         assert edge.vault is not None  # noqa: S101 - the 014 edge is built with the keyvault
         keys = flows.dec_keys(edge.config, edge.vault.take, slave, master, key_ids)
         metrics.count_key_bits("delivered", sum(k.size_bits for k in keys), "slave")

@@ -37,6 +37,31 @@ Choices where the spec is silent (spec note section 6):
 - The GET form of enc_keys takes only ``number`` and ``size``, each at most
   once; the GET form of dec_keys takes exactly one ``key_ID``.
 
+The northbound gateway reads SAE requests with ``lenient=True`` (through
+:func:`read_key_request` and :func:`read_key_ids`), because the clients people
+run (PSK rotators, IPsec plugins, firewalls, conformance probes) differ where
+the spec leaves room; the QKD device emulator stays strict, as the stricter
+peer our southbound client must satisfy. Lenient means:
+
+- ``dec_keys?key_ID=`` may name several IDs, repeated (``key_ID=a&key_ID=b``)
+  or comma-separated (``key_ID=a,b``); all are read (never only the first)
+  and the request is all-or-nothing like the POST form; duplicates are 400.
+- In Key IDs (clause 4.4) unknown fields, at the top or in an entry, are
+  ignored like the optional ``key_ID_extension`` and ``key_IDs_extension``:
+  the body means only its key IDs, so nothing unknown can change what is
+  taken.
+- ``extension_optional`` that is not an array of objects (or one object) is
+  ignored: clause 4.2 lets a KME ignore optional extensions whatever they hold.
+- A POST without a body but with ``number``/``size`` (enc_keys) or
+  ``key_ID`` (dec_keys) in the query is read as the GET form rather than as
+  an empty request; a POST with both a body and a query string is 400, never
+  half-read.
+
+Strict still, because there a silent default would change what an SAE gets:
+unknown fields of a Key request (``numbr`` must not become one key), unknown
+query parameters, ``extension_mandatory`` of any shape or name we do not
+implement (clause 4.2), and every number, size and UUID rule.
+
 The parts, by the data formats of clause 4: ``_status`` (4.1 Status and the
 limits it states), ``_request`` (4.2 Key request, Get key's two forms),
 ``_keys`` (4.3 Key container, 4.4 Key IDs) and ``_common`` (4.5 Error, the
@@ -66,6 +91,7 @@ from kme.etsi014._keys import (
     parse_key_container_body,
     parse_key_ids_body,
     parse_key_ids_query,
+    read_key_ids,
 )
 from kme.etsi014._request import (
     MAX_EXTENSIONS,
@@ -77,6 +103,7 @@ from kme.etsi014._request import (
     parse_key_request_body,
     parse_key_request_query,
     path_sae_id,
+    read_key_request,
 )
 from kme.etsi014._status import KeyLimits, Status, parse_status_body, status_body
 
@@ -113,5 +140,7 @@ __all__ = [
     "parse_status_body",
     "path_sae_id",
     "permission_denied",
+    "read_key_ids",
+    "read_key_request",
     "status_body",
 ]

@@ -21,26 +21,48 @@ def key_id_of(value: object) -> uuid.UUID:
         raise bad("key_ID must be a UUID string") from None
 
 
-def parse_key_ids_query(args: Mapping[str, Sequence[str]]) -> list[uuid.UUID]:
-    """The GET form of Get key with key IDs (clause 5.3): exactly one ``key_ID``."""
+def _unique(ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    if len(set(ids)) != len(ids):
+        raise bad("key_IDs has duplicate entries")
+    return ids
+
+
+def parse_key_ids_query(args: Mapping[str, Sequence[str]], *, lenient: bool = False,
+                        max_ids: int = MAX_KEY_IDS) -> list[uuid.UUID]:
+    """The GET form of Get key with key IDs (clause 5.3): exactly one ``key_ID``.
+
+    ``lenient``: one or several, repeated or comma-separated, every one read
+    (package docstring); at most ``max_ids``, no duplicates.
+    """
     extra = sorted(set(args) - {"key_ID"})
     if extra:
         raise bad(f"query parameter {shown(extra[0])} is not allowed: the GET form of "
-                   "dec_keys takes one key_ID; POST Key IDs for more")
+                  "dec_keys takes key_ID only; POST Key IDs for more")
     values = args.get("key_ID", ())
+    if lenient:
+        parts = [part for value in values for part in value.split(",")]
+        if not parts:
+            raise bad("the GET form of dec_keys needs a key_ID")
+        if len(parts) > max_ids:
+            raise bad(f"more than {max_ids} key_ID values")
+        return _unique([key_id_of(part.strip()) for part in parts])
     if len(values) != 1:
         # Spec note section 6: repeated values are refused, never half-read.
         raise bad("the GET form of dec_keys takes exactly one key_ID; POST Key IDs for more")
     return [key_id_of(values[0])]
 
 
-def parse_key_ids_body(body: bytes, *, max_ids: int = MAX_KEY_IDS) -> list[uuid.UUID]:
-    """The POST form of Get key with key IDs: Key IDs of clause 4.4."""
+def parse_key_ids_body(body: bytes, *, max_ids: int = MAX_KEY_IDS,
+                       lenient: bool = False) -> list[uuid.UUID]:
+    """The POST form of Get key with key IDs: Key IDs of clause 4.4.
+
+    ``lenient``: unknown fields, at the top or in an entry, are ignored.
+    """
     obj = load_json(body) if body.strip() else None
     if not isinstance(obj, dict):
         raise bad("the Key IDs body must be a JSON object with key_IDs")
     extra = sorted(set(obj) - {"key_IDs", "key_IDs_extension"})
-    if extra:
+    if extra and not lenient:
         raise bad(f"unknown field {shown(extra[0])} in Key IDs")
     raw = obj.get("key_IDs")
     if not isinstance(raw, list) or not raw:
@@ -51,12 +73,25 @@ def parse_key_ids_body(body: bytes, *, max_ids: int = MAX_KEY_IDS) -> list[uuid.
     for item in raw:
         if not isinstance(item, dict) or "key_ID" not in item:
             raise bad("each key_IDs entry must be an object with a key_ID")
-        if set(item) - {"key_ID", "key_ID_extension"}:
+        if set(item) - {"key_ID", "key_ID_extension"} and not lenient:
             raise bad("key_IDs entries take only key_ID and key_ID_extension")
         ids.append(key_id_of(item["key_ID"]))
-    if len(set(ids)) != len(ids):
-        raise bad("key_IDs has duplicate entries")
-    return ids
+    return _unique(ids)
+
+
+def read_key_ids(method: str, args: Mapping[str, Sequence[str]], body: bytes
+                 ) -> list[uuid.UUID]:
+    """Get key with key IDs (clause 5.3) as the northbound gateway reads it, lenient.
+
+    GET reads ``key_ID`` from the query (one or several); POST reads Key IDs
+    from the body, or, with no body, ``key_ID`` from the query; both is 400.
+    """
+    if method == "GET" or (not body.strip() and args):
+        return parse_key_ids_query(args, lenient=True)
+    if args:
+        raise bad("a POST to dec_keys carries its key IDs in the body or in the query "
+                  "string, not in both")
+    return parse_key_ids_body(body, lenient=True)
 
 
 def key_ids_body(key_ids: Iterable[uuid.UUID]) -> dict[str, Any]:

@@ -106,9 +106,17 @@ def parse_key_request_query(args: Mapping[str, Sequence[str]], limits: KeyLimits
     return KeyRequest(number=number, size=size)
 
 
-def _extensions(value: object, name: str) -> tuple[dict[str, Any], ...]:
-    """Array of name/value objects (clause 4.2), or one plain object (note section 6)."""
+def _extensions(value: object, name: str, *, ignorable: bool = False
+                ) -> tuple[dict[str, Any], ...]:
+    """Array of name/value objects (clause 4.2), or one plain object (note section 6).
+
+    ``ignorable``: an optional extension of any other shape is dropped, as the
+    KME may ignore it (clause 4.2), instead of refused.
+    """
     if value is None:
+        return ()
+    if ignorable and not (isinstance(value, dict) or (
+            isinstance(value, list) and all(isinstance(v, dict) for v in value))):
         return ()
     if isinstance(value, dict):
         items = [{k: v} for k, v in value.items()]
@@ -144,13 +152,15 @@ def check_extensions(req: KeyRequest, supported: Collection[str] = ()) -> None:
 
 
 def parse_key_request_body(body: bytes, limits: KeyLimits, *,
-                           supported_extensions: Collection[str] = ()) -> KeyRequest:
+                           supported_extensions: Collection[str] = (),
+                           lenient: bool = False) -> KeyRequest:
     """The POST form of Get key (clause 5.2, Key request of clause 4.2).
 
     A zero-byte body and ``{}`` both mean "one key of the default size".
     Mandatory extensions not in ``supported_extensions`` are refused (400,
     ``not all extension_mandatory parameters are supported``); optional ones
-    are kept in the result and may be ignored.
+    are kept in the result and may be ignored. ``lenient``: an
+    ``extension_optional`` of another shape is ignored (module docstring).
     """
     if not body.strip():
         return KeyRequest(number=1, size=limits.key_size)
@@ -182,7 +192,8 @@ def parse_key_request_body(body: bytes, limits: KeyLimits, *,
         size=size,
         additional_slave_sae_ids=slaves,
         extension_mandatory=_extensions(obj.get("extension_mandatory"), "extension_mandatory"),
-        extension_optional=_extensions(obj.get("extension_optional"), "extension_optional"),
+        extension_optional=_extensions(obj.get("extension_optional"), "extension_optional",
+                                       ignorable=lenient),
     )
     check_extensions(req, supported_extensions)
     return req
@@ -235,3 +246,21 @@ def key_request_body(req: KeyRequest) -> dict[str, Any]:
         out["extension_optional"] = [dict(e) for e in req.extension_optional]
     return out
 
+
+
+def read_key_request(method: str, args: Mapping[str, Sequence[str]], body: bytes,
+                     limits: KeyLimits, *, supported_extensions: Collection[str] = ()
+                     ) -> KeyRequest:
+    """Get key (clause 5.2) as the northbound gateway reads it: GET or POST, lenient.
+
+    GET reads the query; POST reads the body, or, with no body, a query of
+    ``number``/``size`` like the GET form (a client that POSTs ``?number=5``
+    must not silently get one key); a POST with both is 400.
+    """
+    if method == "GET" or (not body.strip() and args):
+        return parse_key_request_query(args, limits)
+    if args:
+        raise bad("a POST to enc_keys carries its Key request in the body or in the query "
+                  "string, not in both")
+    return parse_key_request_body(body, limits, supported_extensions=supported_extensions,
+                                  lenient=True)

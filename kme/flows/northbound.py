@@ -22,6 +22,8 @@ parses it before the one call to the relay.
 from __future__ import annotations
 
 import secrets
+import threading
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -66,7 +68,13 @@ def source_of(config: NodeConfig, routes: Routes, dests: Sequence[NodeId]) -> So
     for dest in dests:
         if dest == node:
             continue
-        hop = routes.route_to_node(dest).next_hop
+        try:
+            hop = routes.route_to_node(dest).next_hop
+        except KmstnError as exc:
+            # No path now: Get status still answers; Get key checks every route itself.
+            if exc.code is not ErrorCode.NO_ROUTE:
+                raise
+            continue
         if hop in qkd:
             return Source(qkd[hop], None)
     for link in qkd.values():
@@ -112,12 +120,26 @@ def draw(device: Device | None, number: int, size: int, for_neighbour: bool = Fa
 
 
 class Northbound:
+    # A device's stored_key_count is read at most this often for Get status.
+    STATUS_MAX_AGE_S = 1.0
+
     def __init__(self, ctx: Context, delivery: Delivery) -> None:
         self._ctx = ctx
         self._delivery = delivery
+        # Devices' stored_key_count as last read, and draws so far, per link.
+        self._stored: dict[str, tuple[float, int]] = {}
+        self._draws: dict[str, int] = defaultdict(int)
+        self._stored_lock = threading.Lock()
 
     def status(self, master: str, slave: str) -> Status:
-        """ETSI 014 clause 5.1 Status for this master and ``slave``."""
+        """ETSI 014 clause 5.1 Status for this master and ``slave``.
+
+        Complete and cheap whatever the network does: SAEs (firewalls among
+        them) poll it as a liveness probe, and clause 4.1 has no "unknown"
+        value, so a path that is down or a device that does not answer shows
+        as ``stored_key_count`` 0, not as an error. ``stored_key_count`` never
+        exceeds ``max_key_count`` (clause 4.1: the most it can reach).
+        """
         config = self._ctx.config
         own_sae(config, master)
         dest = self._ctx.node_of(slave)
@@ -126,13 +148,52 @@ class Northbound:
                              "slave_SAE_ID must differ from the master_SAE_ID")
         limits, max_count = limits_for(config, self._ctx.routes, slave)
         source = source_of(config, self._ctx.routes, [dest])
-        stored = max_count
-        if source.link is not None:
-            stored = min(max_count, int(
-                self._ctx.devices.for_link(source.link.id).status().stored_key_count))
+        stored = 0
+        if self._reachable(dest):
+            stored = max_count if source.link is None else self._stored_on(source.link.id)
+        stored = min(stored, max_count)
         return Status.of(source_kme_id=self._ctx.node, target_kme_id=dest,
                          master_sae_id=master, slave_sae_id=slave, limits=limits,
                          stored_key_count=stored, max_key_count=max_count)
+
+    def _stored_on(self, link_id: str) -> int:
+        """The device's stored_key_count, read at most once a second (0 if it does not answer).
+
+        A poller must not cost one device round trip per probe; a draw through
+        this node forgets the copy, so the count after its own enc_keys is exact.
+        """
+        now = time.monotonic()
+        with self._stored_lock:
+            seen, draws = self._stored.get(link_id), self._draws[link_id]
+        if seen is not None and now - seen[0] < self.STATUS_MAX_AGE_S:
+            return seen[1]
+        try:
+            stored = int(self._ctx.devices.for_link(link_id).status().stored_key_count)
+        except KmstnError as exc:
+            self._ctx.log.warning("status: the device did not answer", extra={
+                "link": link_id, "error_code": exc.code.name})
+            stored = 0
+        with self._stored_lock:
+            if self._draws[link_id] == draws:  # else a draw made this count stale already
+                self._stored[link_id] = (now, stored)
+        return stored
+
+    def _forget_stored(self, link_id: str) -> None:
+        with self._stored_lock:  # the count changes now
+            self._draws[link_id] += 1
+            self._stored.pop(link_id, None)
+
+    def _reachable(self, dest: NodeId) -> bool:
+        """Whether keys for ``dest`` can travel now (this node, a QKD neighbour, or a route)."""
+        if dest == self._ctx.node or dest in self._ctx.qkd_links:
+            return True
+        try:
+            self._ctx.routes.route_to_node(dest)
+        except KmstnError as exc:
+            if exc.code is not ErrorCode.NO_ROUTE:
+                raise
+            return False
+        return True
 
     def enc_keys(self, master: str, slaves: Sequence[str], number: int, size: int,
                  deadline: Deadline, caller_alive: Callable[[], bool] = lambda: True
@@ -151,6 +212,8 @@ class Northbound:
             if d not in (ctx.node, source.direct):
                 ctx.routes.route_to_node(d)
         deadline.require("taking keys")
+        if source.link is not None:
+            self._forget_stored(source.link.id)
         keys = draw(device, number, size, for_neighbour=source.direct is not None)
         placement = Placement.of(keys, master, {d: tuple(s) for d, s in by_dest.items()},
                                  source.link.id if source.link else None, source.direct)

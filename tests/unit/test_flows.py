@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from gateway.errors import etsi020_problem
-from kme import etsi020
+from kme import etsi014, etsi020
 from kme import flows as kflows
 from kme.config import (
     DeviceEndpoint,
@@ -233,6 +233,29 @@ class Node:
     @property
     def receiver(self) -> Any:
         return self.flows.receiver
+
+    def status(self, master: str, slave: str) -> dict[str, Any]:
+        return etsi014.status_body(self.flows.northbound.status(master, slave))
+
+    @property
+    def devices(self) -> Any:
+        return self.flows.ctx.devices
+
+    @devices.setter
+    def devices(self, devices: Any) -> None:
+        self.flows.ctx.devices = devices
+
+    @property
+    def routing(self) -> Any:
+        return self.flows.ctx.routes
+
+    @property
+    def STATUS_MAX_AGE_S(self) -> float:  # noqa: N802 - the northbound's constant
+        return self.flows.northbound.STATUS_MAX_AGE_S
+
+    @STATUS_MAX_AGE_S.setter
+    def STATUS_MAX_AGE_S(self, seconds: float) -> None:  # noqa: N802
+        self.flows.northbound.STATUS_MAX_AGE_S = seconds
 
     @property
     def _retrier(self) -> Any:  # pending durable work
