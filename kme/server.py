@@ -293,7 +293,10 @@ def run_service(
         return 1
     log.info("listening", extra={"address": address,
                                  "extra_listeners": runtime.extra_addresses})
-    stop.wait()
+    # Wake up now and then: a signal handler runs only in the main thread,
+    # between bytecodes, and a wait with a timeout guarantees it gets there.
+    while not stop.wait(0.5):
+        pass
     runtime.stop()
     log.info("stopped")
     return 0
