@@ -81,7 +81,33 @@ class Receiver:
                 raise KmstnError(ErrorCode.INVALID_ROUTING,
                                  f"the route to {t!r} leads back to the sender")
             remote[dest] = (nxt, [t])
+        self.check_initiator(peer, c.initiator_sae_id)
         return Plan(tuple(local), {d: (h, tuple(ts)) for d, (h, ts) in remote.items()})
+
+    def check_initiator(self, peer: NodeId, initiator: str) -> None:
+        """A neighbour may bring keys only for an initiator its position explains.
+
+        The initiator SAE must exist, be served by another node than this one,
+        and that node's route toward us must end with ``peer``: the check the
+        node makes for targets (the route must not lead back to the sender),
+        applied to the initiator. Routes are symmetric shortest paths, so the
+        route from the initiator's node to us ends with ``peer`` exactly when
+        our route to that node starts with it. Anything else is refused (401,
+        ETSI 020 ``unauthorized``) and logged with the neighbour's ID, before
+        anything is kept.
+        """
+        origin = self._ctx.node_of(initiator)  # UNKNOWN_SAE for an SAE nobody serves
+        if origin == self._ctx.node:
+            why = f"{initiator!r} is served by this node"
+        else:
+            back = self._ctx.routes.route_to_node(origin).next_hop
+            if back == peer:
+                return
+            why = f"the route to {initiator!r} at {origin} goes through {back}, not {peer}"
+        self._ctx.log.warning("ext_keys refused: initiator off the route", extra={
+            "peer": peer, "initiator_sae_id": initiator, "cause": why})
+        raise KmstnError(ErrorCode.PERMISSION_DENIED,
+                         f"{peer} may not bring keys for initiator {initiator!r}", cause=why)
 
     def ext_keys(self, peer: NodeId, c: ExtKeyContainer, hop: int, deadline: Deadline,
                  plan: Plan | None = None) -> list[AckContainer]:
@@ -134,6 +160,14 @@ class Receiver:
         for t in notice.target_sae_ids:
             if self._ctx.node_of(t) != self._ctx.node:
                 raise KmstnError(ErrorCode.INVALID_ROUTING, f"{t!r} is not served here")
+        if self._ctx.node_of(notice.initiator_sae_id) != peer:
+            # The neighbour took the keys from its own side of the device: for
+            # one of its own SAEs, never in another node's name.
+            self._ctx.log.warning("device_keys refused: initiator not at the neighbour", extra={
+                "peer": peer, "initiator_sae_id": notice.initiator_sae_id})
+            raise KmstnError(ErrorCode.PERMISSION_DENIED,
+                             f"{peer} may not take device keys for "
+                             f"{notice.initiator_sae_id!r}")
         device = self._ctx.devices.for_link(link.id)
         keys = _retry_briefly(lambda: device.dec_keys(list(notice.key_ids)))
         for k in keys:
