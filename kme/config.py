@@ -235,6 +235,8 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
+    """The ``[gateway]`` table; these field defaults are the only place defaults live."""
+
     # "confirmed": the master gets keys once every destination acknowledged
     # storing them (ETSI 020 flow). "concurrent": the paper's mode, deliver
     # at once and relay in parallel.
@@ -244,6 +246,23 @@ class GatewaySettings:
     relay_timeout_ms: int = 10_000
     workers: int = 1
     threads: int = 32
+    # The edge of both ETSI listeners (gateway/edge.py). A client must finish
+    # its TLS handshake, the head of a request (from its first byte) and the
+    # body (from the end of the head) within these deadlines, or it is
+    # dropped; no request worker waits on it meanwhile.
+    handshake_timeout_ms: int = 5000
+    header_timeout_ms: int = 5000
+    body_timeout_ms: int = 5000
+    # How long a connection may wait, between requests, for the next one.
+    keepalive_timeout_ms: int = 15_000
+    # Connections still in their TLS handshake, and connections waiting for
+    # or sending a request (not yet with a worker), in total and per source
+    # address. Over a per-source cap a new handshake is refused; over a total
+    # cap the oldest such connection is dropped to make room.
+    max_handshakes: int = 256
+    max_handshakes_per_source: int = 16
+    max_idle: int = 512
+    max_idle_per_source: int = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -706,12 +725,27 @@ def load_node_config(path: str | Path) -> NodeConfig:
     lg.close()
 
     g = root.table("gateway")
+    gw = GatewaySettings()  # the defaults
     gateway = GatewaySettings(
-        delivery=g.text("delivery", "confirmed", choices=("confirmed", "concurrent")),
-        inflight_wait_ms=g.integer("inflight_wait_ms", 2000, lo=0, hi=60_000),
-        relay_timeout_ms=g.integer("relay_timeout_ms", 10_000, lo=100, hi=600_000),
-        workers=g.integer("workers", 1, lo=1, hi=64),
-        threads=g.integer("threads", 32, lo=1, hi=1024),
+        delivery=g.text("delivery", gw.delivery, choices=("confirmed", "concurrent")),
+        inflight_wait_ms=g.integer("inflight_wait_ms", gw.inflight_wait_ms, lo=0, hi=60_000),
+        relay_timeout_ms=g.integer("relay_timeout_ms", gw.relay_timeout_ms, lo=100,
+                                   hi=600_000),
+        workers=g.integer("workers", gw.workers, lo=1, hi=64),
+        threads=g.integer("threads", gw.threads, lo=1, hi=1024),
+        handshake_timeout_ms=g.integer("handshake_timeout_ms", gw.handshake_timeout_ms,
+                                       lo=100, hi=60_000),
+        header_timeout_ms=g.integer("header_timeout_ms", gw.header_timeout_ms, lo=100,
+                                    hi=60_000),
+        body_timeout_ms=g.integer("body_timeout_ms", gw.body_timeout_ms, lo=100, hi=60_000),
+        keepalive_timeout_ms=g.integer("keepalive_timeout_ms", gw.keepalive_timeout_ms,
+                                       lo=100, hi=600_000),
+        max_handshakes=g.integer("max_handshakes", gw.max_handshakes, lo=1, hi=100_000),
+        max_handshakes_per_source=g.integer("max_handshakes_per_source",
+                                            gw.max_handshakes_per_source, lo=1, hi=100_000),
+        max_idle=g.integer("max_idle", gw.max_idle, lo=1, hi=100_000),
+        max_idle_per_source=g.integer("max_idle_per_source", gw.max_idle_per_source, lo=1,
+                                      hi=100_000),
     )
     g.close()
 
