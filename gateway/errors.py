@@ -22,7 +22,8 @@ from typing import Any, Final
 
 from kme.errors import ErrorCode, KmstnError
 
-__all__ = ["ETSI014_STATUS", "Etsi020Problem", "etsi014_error", "etsi020_problem"]
+__all__ = ["ETSI014_STATUS", "Etsi020Problem", "etsi014_error", "etsi020_problem",
+           "refusal_response"]
 
 # -- ETSI GS QKD 014 ---------------------------------------------------------
 
@@ -153,3 +154,43 @@ def etsi020_problem(exc: KmstnError) -> tuple[int, bytes]:
         "details": details,
     }
     return problem.status, json.dumps(body, separators=(",", ":")).encode()
+
+
+# -- refusals made below the application --------------------------------------------
+
+_REASONS: Final = {400: "Bad Request", 401: "Unauthorized", 408: "Request Timeout",
+                   503: "Service Unavailable"}
+
+
+def refusal_response(api: str, message: str, kind: str, method: str,
+                     request_id: str) -> bytes:
+    """The whole HTTP answer to a request refused before it reached the application.
+
+    The edge (gateway/edge.py) and the servers behind it refuse malformed,
+    oversized and stalled requests with this, so they get the same ETSI
+    status and body as any other bad request. ``kind`` is ``bad`` (the
+    client's mistake), ``timeout`` (not received in time) or ``server`` (a
+    failure of ours). ETSI 014 answers 400, or 503 for ``server``, with the
+    Error body (014 defines no 408 or 413); ETSI 020 answers problem
+    details, with 408 ``timeout`` for a request not received in time (ETSI
+    020 clause 5.5). The connection closes: where a next request would start
+    is unknown.
+    """
+    code = {"timeout": ErrorCode.TIMEOUT, "server": ErrorCode.INTERNAL}.get(
+        kind, ErrorCode.INVALID_ARGUMENT)
+    if api == "etsi014":
+        code = ErrorCode.INVALID_ARGUMENT if kind == "timeout" else code
+        status, body014 = etsi014_error(KmstnError(code, message))
+        body = json.dumps(body014, separators=(",", ":")).encode()
+    else:
+        reason = "request_timeout" if kind == "timeout" else None
+        status, body = etsi020_problem(KmstnError(code, message, reason=reason))
+    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Cache-Control: no-store\r\n"
+            f"X-Request-ID: {request_id}\r\n"
+            "Connection: close\r\n\r\n").encode("latin-1")
+    # RFC 9110 9.3.2: an answer to HEAD has no content (the edge refuses HEAD,
+    # but a server behind it may answer one).
+    return head if method == "HEAD" else head + body
