@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from gateway.errors import etsi014_error, etsi020_problem
+from gateway.http1 import Limits
+from kme import etsi020
 from kme import log as kmelog
 from kme.config import NodeConfig
 from kme.errors import ErrorCode, KmstnError
@@ -21,7 +24,22 @@ from kme.flows import Flows
 __all__ = ["Api", "create_app", "json_response"]
 
 Api = Literal["etsi014", "etsi020"]
-MAX_BODY = 4 * 1024 * 1024
+MAX_BODY = Limits().max_body
+# POST bodies are JSON (ETSI 014 clause 2, 020 clause 2); 020 between kmstn
+# nodes also carries the sealed envelope. A POST without Content-Type is read
+# as JSON all the same (clients that send none exist).
+MEDIA_TYPES: Final[dict[str, frozenset[str]]] = {
+    "etsi014": frozenset({"application/json"}),
+    "etsi020": frozenset({"application/json", etsi020.SEALED_MEDIA_TYPE}),
+}
+_CLIENT_ID_KEEP = re.compile(r"[^A-Za-z0-9._:\-]")
+
+
+def client_request_id(value: str | None) -> str | None:
+    """A client's own request ID, fit for a log field: 64 safe characters at most."""
+    if not value:
+        return None
+    return _CLIENT_ID_KEEP.sub("", value[:128])[:64] or None
 
 
 def json_response(body: Any, status: int = 200, content_type: str = "application/json",
@@ -59,6 +77,7 @@ def create_app(api: Api, config: NodeConfig, flows: Flows) -> Flask:
             return json_response(None, status, raw=body)
 
     app.register_blueprint(blueprint)
+    media_types = MEDIA_TYPES[api]
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -69,10 +88,26 @@ def create_app(api: Api, config: NodeConfig, flows: Flows) -> Flask:
         return Response(openapi_document(api), content_type="application/yaml")
 
     @app.before_request
-    def start() -> None:
-        g.request_id = request.headers.get("X-Request-ID", "")[:64] or str(uuid.uuid4())
-        g.log_context = kmelog.log_context(request_id=g.request_id, api=api)
+    def start() -> Response | None:
+        # The request ID is always ours; a client's X-Request-ID is only kept
+        # as a separate log field, cut and stripped so it cannot forge lines.
+        g.request_id = str(uuid.uuid4())
+        g.log_context = kmelog.log_context(
+            request_id=g.request_id, api=api,
+            client_request_id=client_request_id(request.headers.get("X-Request-ID")))
         g.log_context.__enter__()
+        if request.method not in ("GET", "POST"):
+            # ETSI 014 clause 5 and 020 clause 4 use GET and POST only. HEAD
+            # would run a GET view (and draw a key for HEAD enc_keys), TRACE
+            # and OPTIONS mean nothing here. (The edge refuses them first.)
+            return refuse(f"method {request.method} is not allowed: only GET and POST")
+        if request.method == "POST" and request.content_type is not None:
+            mimetype = request.mimetype
+            charset = request.mimetype_params.get("charset", "utf-8").lower()
+            if mimetype not in media_types or charset not in ("utf-8", "utf8"):
+                return refuse(f"Content-Type must be {' or '.join(sorted(media_types))} "
+                              "(UTF-8)")
+        return None
 
     @app.teardown_request
     def finish(_exc: BaseException | None) -> None:
@@ -85,6 +120,13 @@ def create_app(api: Api, config: NodeConfig, flows: Flows) -> Flask:
         resp.headers["X-Request-ID"] = g.get("request_id", "")
         resp.headers["Cache-Control"] = "no-store"  # responses may carry key material
         return resp
+
+    def refuse(message: str) -> Response:
+        # A request refused for its form (method, media type, path, size):
+        # one WARNING line, no traceback, and the API's own 400.
+        log.warning("request refused", extra={"path": request.path, "method": request.method,
+                                               "reason": message})
+        return render(KmstnError(ErrorCode.INVALID_ARGUMENT, message))
 
     @app.errorhandler(KmstnError)
     def on_kmstn_error(exc: KmstnError) -> Response:
@@ -108,7 +150,7 @@ def create_app(api: Api, config: NodeConfig, flows: Flows) -> Flask:
             message = f"no such endpoint: {request.path}"
         else:
             message = "bad request"
-        return render(KmstnError(ErrorCode.INVALID_ARGUMENT, message))
+        return refuse(message)
 
     @app.errorhandler(Exception)
     def on_crash(exc: Exception) -> Response:
