@@ -48,8 +48,47 @@ def json_response(body: Any, status: int = 200, content_type: str = "application
     return Response(data, status=status, content_type=content_type)
 
 
-def openapi_document(api: Api) -> bytes:
-    return resources.files("gateway").joinpath(f"openapi/{api}.yaml").read_bytes()
+def openapi_document(api: Api, config: NodeConfig | None = None) -> bytes:
+    """The OpenAPI document of one API, stating this node's limits when ``config`` is given.
+
+    The file states the defaults; a line ending ``# node: NAME`` has its last
+    number replaced by this node's value of NAME (see :func:`served_limits`).
+    """
+    text = resources.files("gateway").joinpath(f"openapi/{api}.yaml").read_text()
+    if config is None:
+        return text.encode()
+    limits = served_limits(config)
+    out = []
+    for line in text.splitlines(keepends=True):
+        match = _NODE_LIMIT.search(line)
+        if match:
+            head = line[:match.start()]
+            numbers = list(re.finditer(r"\d+", head))
+            last = numbers[-1]
+            line = (head[:last.start()] + str(limits[match.group(1)]) + head[last.end():]
+                    + line[match.start():])
+        out.append(line)
+    return "".join(out).encode()
+
+
+_NODE_LIMIT = re.compile(r"#\s*node:\s*(\w+)")
+
+
+def served_limits(config: NodeConfig) -> dict[str, int]:
+    """This node's ETSI 014 limits over every slave it serves (kme.flows.Flows.limits).
+
+    Keys come from one of the node's QKD links (or the OS CSPRNG on a node
+    without any), so the bounds are the widest over those links.
+    """
+    links = [link for link in config.topology.qkd_links if config.node_id in (link.a, link.b)]
+    if not links:
+        size = config.topology.key_size
+        return {"min_key_size": min(64, size), "max_key_size": max(1024, size),
+                "max_key_per_request": 128, "max_sae_id_count": Flows.MAX_SAE_ID_COUNT}
+    return {"min_key_size": min(link.min_key_size for link in links),
+            "max_key_size": max(link.max_key_size for link in links),
+            "max_key_per_request": max(link.max_key_per_request for link in links),
+            "max_sae_id_count": Flows.MAX_SAE_ID_COUNT}
 
 
 def create_app(api: Api, config: NodeConfig, flows: Flows) -> Flask:
@@ -83,9 +122,11 @@ def create_app(api: Api, config: NodeConfig, flows: Flows) -> Flask:
     def healthz() -> Response:
         return json_response({"status": "ok", "node": config.node_id, "api": api})
 
+    document = openapi_document(api, config)
+
     @app.get("/openapi.yaml")
     def openapi() -> Response:
-        return Response(openapi_document(api), content_type="application/yaml")
+        return Response(document, content_type="application/yaml")
 
     @app.before_request
     def start() -> Response | None:

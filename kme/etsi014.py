@@ -415,6 +415,8 @@ def parse_key_ids_body(body: bytes, *, max_ids: int = MAX_KEY_IDS) -> list[uuid.
     extra = sorted(set(obj) - {"key_IDs", "key_IDs_extension"})
     if extra:
         raise _bad(f"unknown field {_shown(extra[0])} in Key IDs")
+    if not isinstance(obj.get("key_IDs_extension", {}), (dict, type(None))):
+        raise _bad("key_IDs_extension must be an object")
     raw = obj.get("key_IDs")
     if not isinstance(raw, list) or not raw:
         raise _bad("key_IDs must be a non-empty array of {\"key_ID\": UUID} objects")
@@ -426,6 +428,9 @@ def parse_key_ids_body(body: bytes, *, max_ids: int = MAX_KEY_IDS) -> list[uuid.
             raise _bad("each key_IDs entry must be an object with a key_ID")
         if set(item) - {"key_ID", "key_ID_extension"}:
             raise _bad("key_IDs entries take only key_ID and key_ID_extension")
+        if not isinstance(item.get("key_ID_extension", {}), (dict, type(None))):
+            # Clause 4.4: an object (reserved for future use).
+            raise _bad("key_ID_extension must be an object")
         ids.append(_key_id(item["key_ID"]))
     if len(set(ids)) != len(ids):
         raise _bad("key_IDs has duplicate entries")
