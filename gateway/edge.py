@@ -262,7 +262,15 @@ class PyOpenSslTls:
             if exc.args and exc.args[0] in (-1, 0):  # EOF without close_notify
                 return b""
             raise ConnectionError(repr(exc)) from None
-        except (SSL.Error, OSError) as exc:
+        except SSL.Error as exc:
+            # A peer that vanished without close_notify (a killed process):
+            # OpenSSL 3 says "unexpected eof", or leaves its error queue empty
+            # when the connection was reset. That is the end of the stream.
+            errors = exc.args[0] if exc.args else []
+            if not errors or any("unexpected eof" in str(e).lower() for e in errors):
+                return b""
+            raise ConnectionError(repr(exc)) from None
+        except OSError as exc:
             raise ConnectionError(repr(exc)) from None
 
     def send(self, tls: Any, data: bytes) -> int:

@@ -257,12 +257,13 @@ class GatewaySettings:
     keepalive_timeout_ms: int = 15_000
     # Connections still in their TLS handshake, and connections waiting for
     # or sending a request (not yet with a worker), in total and per source
-    # address. Over a per-source cap a new handshake is refused; over a total
-    # cap the oldest such connection is dropped to make room.
+    # address. Over the per-source handshake cap a new connection is refused;
+    # over the other caps the oldest such connection is dropped to make room.
+    # Per source, 64 leaves room for a neighbour's relay (32 calls at once).
     max_handshakes: int = 256
-    max_handshakes_per_source: int = 16
+    max_handshakes_per_source: int = 64
     max_idle: int = 512
-    max_idle_per_source: int = 32
+    max_idle_per_source: int = 64
 
 
 @dataclass(frozen=True, slots=True)
