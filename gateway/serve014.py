@@ -146,6 +146,8 @@ class EdgeWorker(ThreadWorker):  # type: ignore[misc]
         parser = RequestParser(self.cfg, [request.wire], conn.peer)
         try:
             req = next(parser)
+            resp, environ = gwsgi.create(req, conn.tls, conn.peer, conn.tls.getsockname(),
+                                         self.cfg, response_class=_QuietResponse)
         except StopIteration:
             return False
         except (http_errors.ParseException, http_errors.NoMoreData) as exc:
@@ -153,8 +155,6 @@ class EdgeWorker(ThreadWorker):  # type: ignore[misc]
             # they ever disagree, the client still gets an ETSI 400.
             self._refuse(conn, request.method, str(exc)[:200])
             return False
-        resp, environ = gwsgi.create(req, conn.tls, conn.peer, conn.tls.getsockname(),
-                                     self.cfg, response_class=_QuietResponse)
         environ["wsgi.multithread"] = True
         if not self.alive:
             resp.force_close()
