@@ -33,6 +33,7 @@ MEDIA_TYPES: Final[dict[str, frozenset[str]]] = {
     "etsi020": frozenset({"application/json", etsi020.SEALED_MEDIA_TYPE}),
 }
 _CLIENT_ID_KEEP = re.compile(r"[^A-Za-z0-9._:\-]")
+_NODE_LIMIT = re.compile(r"#\s*node:\s*(\w+)")  # see openapi_document()
 
 
 def client_request_id(value: str | None) -> str | None:
@@ -69,9 +70,6 @@ def openapi_document(api: Api, config: NodeConfig | None = None) -> bytes:
                     + line[match.start():])
         out.append(line)
     return "".join(out).encode()
-
-
-_NODE_LIMIT = re.compile(r"#\s*node:\s*(\w+)")
 
 
 def served_limits(config: NodeConfig) -> dict[str, int]:

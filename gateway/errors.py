@@ -18,12 +18,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from kme.errors import ErrorCode, KmstnError
 
-__all__ = ["ETSI014_STATUS", "Etsi020Problem", "etsi014_error", "etsi020_problem",
-           "refusal_response"]
+__all__ = [
+    "ETSI014_STATUS",
+    "Etsi020Problem",
+    "RefusalKind",
+    "etsi014_error",
+    "etsi020_problem",
+    "refusal_response",
+]
 
 # -- ETSI GS QKD 014 ---------------------------------------------------------
 
@@ -162,7 +168,10 @@ _REASONS: Final = {400: "Bad Request", 401: "Unauthorized", 408: "Request Timeou
                    503: "Service Unavailable"}
 
 
-def refusal_response(api: str, message: str, kind: str, method: str,
+RefusalKind = Literal["bad", "timeout", "server"]
+
+
+def refusal_response(api: str, message: str, kind: RefusalKind, method: str,
                      request_id: str) -> bytes:
     """The whole HTTP answer to a request refused before it reached the application.
 

@@ -45,7 +45,7 @@ from gateway.edge import (
     PyOpenSslTls,
     authority_matcher,
 )
-from gateway.errors import refusal_response
+from gateway.errors import RefusalKind, refusal_response
 from gateway.http1 import Limits, Request
 from kme.config import NodeConfig
 from kme.pqtls import server_context
@@ -141,7 +141,7 @@ class _EdgeRequest(server.HTTPRequest):
         # line of defence; it answers problem details all the same.
         code = int(str(status)[:3])
         request_id = str(uuid.uuid4())
-        kind = "timeout" if code == 408 else "server" if code >= 500 else "bad"
+        kind: RefusalKind = "timeout" if code == 408 else "server" if code >= 500 else "bad"
         message = msg or str(status)[4:] or "bad request"
         (log.warning if kind != "server" else log.error)(
             "request refused", extra={"listener": "etsi020", "reason": message[:200],
@@ -269,7 +269,7 @@ class _Server(wsgi.Server):
 
     @staticmethod
     def _render(refusal: Any, method: str, request_id: str) -> bytes:
-        kind = "timeout" if refusal.timeout else "bad"
+        kind: RefusalKind = "timeout" if refusal.timeout else "bad"
         return refusal_response("etsi020", refusal.message, kind, method, request_id)
 
     def _dispatch(self, edge: EdgeConn, request: Request) -> None:
