@@ -191,6 +191,7 @@ class RequestReader:
         # RFC 9112 2.2: empty lines before a request line are ignored.
         while self._buf[:2] == _CRLF:
             del self._buf[:2]
+            self._scanned = 0
         if self._buf[:1] == b"\n":
             raise Refused("bare LF in the request head")
         if not self._buf:

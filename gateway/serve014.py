@@ -115,7 +115,9 @@ class EdgeWorker(ThreadWorker):  # type: ignore[misc]
                 if not self.is_parent_alive():
                     self.alive = False
 
-        loop.run(lambda: bool(self.alive), tick, drain_timeout=self.cfg.graceful_timeout)
+        # Finish within the arbiter's graceful timeout, before it kills us.
+        loop.run(lambda: bool(self.alive), tick,
+                 drain_timeout=max(1.0, self.cfg.graceful_timeout - 2.0))
         self.tpool.shutdown(wait=False)
         for listener in self.sockets:
             listener.close()
