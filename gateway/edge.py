@@ -176,6 +176,10 @@ class TlsEngine(Protocol):
 
     def to_loop(self, conn: EdgeConn) -> None: ...
 
+    def close_notify(self, tls: Any) -> None:
+        """Send TLS close_notify if it fits now (best effort; the socket closes next)."""
+        ...
+
 
 class StdlibTls:
     """Python's ssl (ETSI 014): an SSLSocket whose handshake is not done on connect."""
@@ -226,6 +230,11 @@ class StdlibTls:
 
     def to_loop(self, conn: EdgeConn) -> None:
         conn.tls.setblocking(False)
+
+    def close_notify(self, tls: Any) -> None:
+        # unwrap() writes close_notify, then wants the peer's: WantRead here.
+        with contextlib.suppress(ssl.SSLError, OSError, ValueError):
+            tls.unwrap()
 
 
 class PyOpenSslTls:
@@ -289,6 +298,10 @@ class PyOpenSslTls:
 
     def to_loop(self, conn: EdgeConn) -> None:
         del conn
+
+    def close_notify(self, tls: Any) -> None:
+        with contextlib.suppress(SSL.Error, OSError):
+            tls.shutdown()
 
 
 class EdgeConn:
@@ -704,6 +717,7 @@ class FrontLoop:
         # Half-close, then read and discard what the client is still sending
         # (the rest of a 100 KB path, say): closing with unread input would
         # make the kernel send a reset, and the client might lose the answer.
+        self._tls.close_notify(conn.tls)
         with contextlib.suppress(OSError):
             socket.socket.shutdown(conn.sock, socket.SHUT_WR)
         self._want(conn, selectors.EVENT_READ)
@@ -777,6 +791,11 @@ class FrontLoop:
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self._sel.unregister(conn.sock)
             conn.events = 0
+        if conn.state in ("wait", "head", "body") and not reset:
+            # A kept-alive connection closed by us (idle, over a cap, at
+            # shutdown): close_notify tells the client it was a clean close, so
+            # it retries on a new connection instead of reporting an error.
+            self._tls.close_notify(conn.tls)
         conn.state = "closing"
         if reset:
             _reset(conn.sock)
