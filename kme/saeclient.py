@@ -57,7 +57,8 @@ class SaeClient:
                 self._conn.request(method, path, body=data, headers=headers)
                 resp = self._conn.getresponse()
                 raw = resp.read()
-            except (http.client.RemoteDisconnected, ConnectionError, BrokenPipeError):
+            except (http.client.RemoteDisconnected, ConnectionError, ssl.SSLEOFError,
+                    ssl.SSLZeroReturnError):
                 self.close()
                 if attempt == 1 and not fresh:
                     continue  # the server closed an idle keep-alive connection
