@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import multiprocessing as mp
 import os
 import shutil
@@ -211,7 +212,7 @@ def status_new_connection(manifest: dict[str, Any], n: int) -> tuple[int, list[f
         t0 = time.perf_counter()
         try:
             status, _ = client.status("slave-d")
-        except OSError:
+        except (OSError, http.client.HTTPException):
             status = 0
         lat.append((time.perf_counter() - t0) * 1000)
         served += status == 200
@@ -223,7 +224,11 @@ def status_kept_alive(client: SaeClient, n: int) -> tuple[int, list[float]]:
     served, lat = 0, []
     for _ in range(n):
         t0 = time.perf_counter()
-        status, _ = client.status("slave-d")
+        try:
+            status, _ = client.status("slave-d")
+        except (OSError, http.client.HTTPException):
+            status = 0
+            client.close()
         lat.append((time.perf_counter() - t0) * 1000)
         served += status == 200
     return served, lat
@@ -235,8 +240,9 @@ def enc_keys_3hop(client: SaeClient, n: int) -> tuple[int, list[float]]:
         t0 = time.perf_counter()
         try:
             status, _ = client.enc_keys("slave-d")
-        except OSError:
+        except (OSError, http.client.HTTPException):
             status = 0
+            client.close()  # counted as not served; the next request reconnects
         lat.append((time.perf_counter() - t0) * 1000)
         served += status == 200
     return served, lat
