@@ -307,8 +307,8 @@ class PyOpenSslTls:
 class EdgeConn:
     """One client connection as the loop sees it. ``handle`` belongs to the server behind."""
 
-    __slots__ = ("deadline", "events", "handle", "method", "out", "peer", "reader", "seq",
-                 "sock", "source", "state", "tls")
+    __slots__ = ("deadline", "events", "handle", "out", "peer", "reader", "seq", "sock",
+                 "source", "state", "tls")
 
     def __init__(self, sock: socket.socket, tls: Any, peer: Any, seq: int,
                  reader: RequestReader) -> None:
@@ -322,7 +322,6 @@ class EdgeConn:
         self.deadline = 0.0
         self.events = 0
         self.out = b""
-        self.method = ""
         self.handle: Any = None
 
 
@@ -407,6 +406,8 @@ class FrontLoop:
         os.set_blocking(self._wake_w, False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self._accepting = False
+        self._accept_paused_until = 0.0  # after EMFILE and the like (see _accept)
+        self._stopping = False
         self._next_sweep = 0.0
         self._next_summary = time.monotonic() + SUMMARY_INTERVAL_S
         self.set_accepting(True)
@@ -453,6 +454,8 @@ class FrontLoop:
 
     def drain(self, timeout: float, tick: Callable[[], None] = lambda: None) -> None:
         """Stop accepting, close connections waiting for a request, let busy ones finish."""
+        self._stopping = True
+        self._accept_paused_until = 0.0
         self.set_accepting(False)
         for conn in [*self._handshaking, *(c for c in self._idle if c.state == "wait")]:
             self._close(conn)
@@ -489,6 +492,9 @@ class FrontLoop:
             else:
                 self._drain_fd(obj)
         now = time.monotonic()
+        if self._accept_paused_until and now >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            self.set_accepting(True)
         if now >= self._next_sweep:
             self._sweep(now)
             self._next_sweep = now + _SWEEP_S
@@ -512,9 +518,14 @@ class FrontLoop:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EMFILE, errno.ENFILE,
-                                 errno.ENOBUFS, errno.ENOMEM):
+                if exc.errno == errno.ECONNABORTED:
+                    continue
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors or memory: the listener stays readable,
+                    # so stop watching it for a moment rather than spin on it.
                     self.counters.add("accept_failed")
+                    self.set_accepting(False)
+                    self._accept_paused_until = time.monotonic() + _SWEEP_S
                     return
                 raise
             source = str(peer[0]) if isinstance(peer, tuple) else str(peer)
@@ -652,7 +663,6 @@ class FrontLoop:
         self._idle.discard(conn)
         self._want(conn, 0)
         conn.state = "busy"
-        conn.method = request.method
         self._busy.add(conn.seq)
         try:
             self._tls.to_worker(conn, self._settings.send_timeout)
@@ -669,7 +679,7 @@ class FrontLoop:
             except queue.Empty:
                 return
             self._busy.discard(conn.seq)
-            if not keep or closing or not self._accepting or conn.state != "busy":
+            if not keep or closing or self._stopping or conn.state != "busy":
                 self._close(conn)
                 continue
             try:
@@ -805,7 +815,7 @@ class FrontLoop:
 
 
 def _method_of(conn: EdgeConn) -> str:
-    return conn.method or "GET"
+    return conn.reader.method or "GET"
 
 
 def _reset(sock: socket.socket) -> None:

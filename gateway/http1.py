@@ -129,6 +129,9 @@ class RequestReader:
         self._body = bytearray()
         self._trailer_bytes = 0
         self._trailer_fields = 0
+        # The method of the request being read, once its request line is in
+        # (an answer to HEAD, even a refusal, carries no content).
+        self.method = ""
 
     # -- state seen by the edge ----------------------------------------------------
 
@@ -176,6 +179,7 @@ class RequestReader:
         return request
 
     def _reset(self) -> None:
+        self.method = ""
         self._scanned = 0
         self._head = None
         self._head_len = 0
@@ -245,6 +249,7 @@ class RequestReader:
         if not _TOKEN.fullmatch(raw_method) or len(raw_method) > 32:
             raise Refused("malformed request line: the method is not a token")
         method = raw_method.decode("ascii")
+        self.method = method
         if method not in ALLOWED_METHODS:
             # ETSI GS QKD 014 clause 5 and 020 clause 4 define GET and POST only;
             # HEAD in particular must never run a key endpoint.

@@ -178,3 +178,14 @@ def test_chunked_round_trip_in_any_split(chunks: list[bytes], step: int) -> None
         r.feed(data[i:i + step])
         got = r.poll() or got
     assert got is not None and got.wire.endswith(b"\r\n\r\n" + b"".join(chunks))
+
+
+def test_the_method_is_known_once_the_request_line_is_in() -> None:
+    r = reader()
+    r.feed(b"HEAD /x HTTP/1.1\r\n")
+    with pytest.raises(Refused):
+        r.poll()
+    assert r.method == "HEAD"
+    r = reader()
+    r.feed(GET)
+    assert r.poll() is not None and r.method == ""
