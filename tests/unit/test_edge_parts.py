@@ -134,3 +134,21 @@ def test_served_documents_state_the_node_limits(tmp_path: Path) -> None:
     plain = yaml.safe_load(openapi_document("etsi014"))
     assert plain["components"]["schemas"]["KeyRequest"]["properties"]["number"]["maximum"] \
         == 128
+
+
+def test_edge_settings_are_read_and_checked(tmp_path: Path) -> None:
+    from gateway.edge import EdgeSettings
+    from kme.config import ConfigError, load_node_config
+    from tests.federation import FederationFiles
+    from tests.helpers import Pki
+
+    files = FederationFiles(tmp_path, Pki(tmp_path / "pki"))
+    files.kmstn("A")
+    files.write()
+    config = load_node_config(files.node_file("A", gateway={
+        "handshake_timeout_ms": 2000, "max_idle_per_source": 8}))
+    edge = EdgeSettings.from_config(config.gateway)
+    assert (edge.handshake_timeout, edge.max_idle_per_source) == (2.0, 8)
+    assert edge.header_timeout == GatewaySettings().header_timeout_ms / 1000
+    with pytest.raises(ConfigError, match=r"gateway\.body_timeout_ms"):
+        load_node_config(files.node_file("A", gateway={"body_timeout_ms": 0}))
