@@ -49,6 +49,7 @@ bench: deps venv
 	$(BIN)/python -m keyvault.bench
 	$(BIN)/python -m relay.bench
 	$(BIN)/python -m gateway.bench
+	$(BIN)/python -m gateway.bench_edge --requests 100
 
 clean:
 	rm -rf $(VENV) .tox .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

@@ -11,6 +11,12 @@ Two listeners per node, each its own process:
   only pyOpenSSL (cryptography's OpenSSL 4) negotiates TLS 1.3 with the
   hybrid group X25519MLKEM768 (kme/pqtls.py).
 
+In front of both, the edge (gateway/edge.py, gateway/http1.py): one loop per
+listener process does the TLS handshakes and reads every request whole,
+under deadlines and connection caps, so a slow or hostile client never
+holds a request worker; every request refused there gets the API's own
+error (gateway/errors.py).
+
 Views stay thin: authenticate, parse with kme.etsi014 / kme.etsi020, call
 kme.flows, render. Every HTTP status is decided in gateway/errors.py.
 """

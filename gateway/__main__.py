@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import resource
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +27,19 @@ def _app(api: str, config: NodeConfig) -> Any:
     return create_app(api, config, build_edge(config, api))  # type: ignore[arg-type]
 
 
+def _raise_file_limit() -> None:
+    """Open files up to the hard limit: the edge holds a descriptor per connection it caps.
+
+    systemd's default soft limit (1024) is below what the connection caps of
+    the [gateway] table can hold; the hard limit is the operator's word.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65_536
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kmstn-gateway", description=__doc__)
     parser.add_argument("--config", required=True, type=Path)
@@ -35,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     service = f"gateway-{args.api}"
     kmelog.configure(service, config.node_id, config.log_level)
     log = logging.getLogger(f"kmstn.{service}")
+    _raise_file_limit()
     try:
         if args.api == "etsi020":
             from gateway.serve020 import Etsi020Server

@@ -4,26 +4,45 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from gateway.deps import Edge
 from gateway.errors import etsi014_error, etsi020_problem
+from gateway.http1 import Limits
+from kme import etsi020
 from kme import log as kmelog
 from kme import metrics as kmetrics
-from kme.config import NodeConfig
+from kme.config import CSPRNG_MAX_PER_REQUEST, MAX_SAE_ID_COUNT, NodeConfig
 from kme.errors import ErrorCode, KmstnError
 
 __all__ = ["Api", "create_app", "json_response"]
 
 Api = Literal["etsi014", "etsi020"]
-MAX_BODY = 4 * 1024 * 1024
+MAX_BODY = Limits().max_body
+# POST bodies are JSON (ETSI 014 clause 2, 020 clause 2); 020 between kmstn
+# nodes also carries the sealed envelope. A POST without Content-Type is read
+# as JSON all the same (clients that send none exist).
+MEDIA_TYPES: Final[dict[str, frozenset[str]]] = {
+    "etsi014": frozenset({"application/json"}),
+    "etsi020": frozenset({"application/json", etsi020.SEALED_MEDIA_TYPE}),
+}
+_CLIENT_ID_KEEP = re.compile(r"[^A-Za-z0-9._:\-]")
+_NODE_LIMIT = re.compile(r"#\s*node:\s*(\w+)")  # see openapi_document()
+
+
+def client_request_id(value: str | None) -> str | None:
+    """A client's own request ID, fit for a log field: 64 safe characters at most."""
+    if not value:
+        return None
+    return _CLIENT_ID_KEEP.sub("", value[:128])[:64] or None
 
 
 def json_response(body: Any, status: int = 200, content_type: str = "application/json",
@@ -32,8 +51,44 @@ def json_response(body: Any, status: int = 200, content_type: str = "application
     return Response(data, status=status, content_type=content_type)
 
 
-def openapi_document(api: Api) -> bytes:
-    return resources.files("gateway").joinpath(f"openapi/{api}.yaml").read_bytes()
+def openapi_document(api: Api, config: NodeConfig | None = None) -> bytes:
+    """The OpenAPI document of one API, stating this node's limits when ``config`` is given.
+
+    The file states the defaults; a line ending ``# node: NAME`` has its last
+    number replaced by this node's value of NAME (see :func:`served_limits`).
+    """
+    text = resources.files("gateway").joinpath(f"openapi/{api}.yaml").read_text()
+    if config is None:
+        return text.encode()
+    limits = served_limits(config)
+    out = []
+    for line in text.splitlines(keepends=True):
+        match = _NODE_LIMIT.search(line)
+        if match:
+            head = line[:match.start()]
+            numbers = list(re.finditer(r"\d+", head))
+            last = numbers[-1]
+            line = (head[:last.start()] + str(limits[match.group(1)]) + head[last.end():]
+                    + line[match.start():])
+        out.append(line)
+    return "".join(out).encode()
+
+
+def served_limits(config: NodeConfig) -> dict[str, int]:
+    """This node's ETSI 014 limits over every slave it serves (kme.flows.limits_for).
+
+    Keys come from one of the node's QKD links (or the OS CSPRNG on a node
+    without any), so the bounds are the widest over those links.
+    """
+    links = [link for link in config.topology.qkd_links if config.node_id in (link.a, link.b)]
+    if not links:
+        size = config.topology.key_size
+        return {"min_key_size": min(64, size), "max_key_size": max(1024, size),
+                "max_key_per_request": CSPRNG_MAX_PER_REQUEST, "max_sae_id_count": MAX_SAE_ID_COUNT}
+    return {"min_key_size": min(link.min_key_size for link in links),
+            "max_key_size": max(link.max_key_size for link in links),
+            "max_key_per_request": max(link.max_key_per_request for link in links),
+            "max_sae_id_count": MAX_SAE_ID_COUNT}
 
 
 def create_app(api: Api, config: NodeConfig, edge: Edge) -> Flask:
@@ -61,6 +116,7 @@ def create_app(api: Api, config: NodeConfig, edge: Edge) -> Flask:
             return json_response(None, status, raw=body)
 
     app.register_blueprint(blueprint)
+    media_types = MEDIA_TYPES[api]
     if api == "etsi014":
         from gateway.skip.views import blueprint as skip  # SKIP beside 014 (issue 14)
 
@@ -70,19 +126,34 @@ def create_app(api: Api, config: NodeConfig, edge: Edge) -> Flask:
     def healthz() -> Response:
         return json_response({"status": "ok", "node": config.node_id, "api": api})
 
+    document = openapi_document(api, config)
+
     @app.get("/openapi.yaml")
     def openapi() -> Response:
-        return Response(openapi_document(api), content_type="application/yaml")
+        return Response(document, content_type="application/yaml")
 
     @app.before_request
-    def start() -> None:
+    def start() -> Response | None:
         g.started = time.perf_counter()
-        # A caller's (or upstream neighbour's) ID is kept, so one key's path
-        # through the federation shares one ID in every node's logs.
-        g.request_id = (kmelog.adopt_request_id(request.headers.get(kmelog.REQUEST_ID_HEADER))
-                        or str(uuid.uuid4()))
-        g.log_context = kmelog.log_context(request_id=g.request_id, api=api)
+        # The request ID is always ours; a client's X-Request-ID is only kept
+        # as a separate log field, cut and stripped so it cannot forge lines.
+        g.request_id = str(uuid.uuid4())
+        g.log_context = kmelog.log_context(
+            request_id=g.request_id, api=api,
+            client_request_id=client_request_id(request.headers.get("X-Request-ID")))
         g.log_context.__enter__()
+        if request.method not in ("GET", "POST"):
+            # ETSI 014 clause 5 and 020 clause 4 use GET and POST only. HEAD
+            # would run a GET view (and draw a key for HEAD enc_keys), TRACE
+            # and OPTIONS mean nothing here. (The edge refuses them first.)
+            return refuse(f"method {request.method} is not allowed: only GET and POST")
+        if request.method == "POST" and request.content_type is not None:
+            mimetype = request.mimetype
+            charset = request.mimetype_params.get("charset", "utf-8").lower()
+            if mimetype not in media_types or charset not in ("utf-8", "utf8"):
+                return refuse(f"Content-Type must be {' or '.join(sorted(media_types))} "
+                              "(UTF-8)")
+        return None
 
     @app.teardown_request
     def finish(_exc: BaseException | None) -> None:
@@ -106,6 +177,13 @@ def create_app(api: Api, config: NodeConfig, edge: Edge) -> Flask:
                                               "ms": round(seconds * 1000, 2)})
         return resp
 
+    def refuse(message: str) -> Response:
+        # A request refused for its form (method, media type, path, size):
+        # one WARNING line, no traceback, and the API's own 400.
+        log.warning("request refused", extra={"path": request.path, "method": request.method,
+                                               "reason": message})
+        return render(KmstnError(ErrorCode.INVALID_ARGUMENT, message))
+
     @app.errorhandler(KmstnError)
     def on_kmstn_error(exc: KmstnError) -> Response:
         level = logging.WARNING if exc.code in (ErrorCode.INTERNAL, ErrorCode.UNAVAILABLE,
@@ -128,7 +206,7 @@ def create_app(api: Api, config: NodeConfig, edge: Edge) -> Flask:
             message = f"no such endpoint: {request.path}"
         else:
             message = "bad request"
-        return render(KmstnError(ErrorCode.INVALID_ARGUMENT, message))
+        return refuse(message)
 
     @app.errorhandler(Exception)
     def on_crash(exc: Exception) -> Response:

@@ -19,12 +19,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from kme.errors import ErrorCode, KmstnError
 
-__all__ = ["ETSI014_STATUS", "SKIP_STATUS", "Etsi020Problem", "etsi014_error", "etsi020_problem",
-           "skip_error"]
+__all__ = [
+    "ETSI014_STATUS",
+    "SKIP_STATUS",
+    "Etsi020Problem",
+    "RefusalKind",
+    "etsi014_error",
+    "etsi020_problem",
+    "refusal_response",
+    "skip_error",
+]
 
 # -- ETSI GS QKD 014 ---------------------------------------------------------
 
@@ -174,3 +182,46 @@ def skip_error(exc: KmstnError) -> tuple[int, dict[str, Any]]:
     else:
         message = exc.public
     return SKIP_STATUS[exc.code], {"message": message}
+
+
+# -- refusals made below the application --------------------------------------------
+
+_REASONS: Final = {400: "Bad Request", 401: "Unauthorized", 408: "Request Timeout",
+                   503: "Service Unavailable"}
+
+
+RefusalKind = Literal["bad", "timeout", "server"]
+
+
+def refusal_response(api: str, message: str, kind: RefusalKind, method: str,
+                     request_id: str) -> bytes:
+    """The whole HTTP answer to a request refused before it reached the application.
+
+    The edge (gateway/edge.py) and the servers behind it refuse malformed,
+    oversized and stalled requests with this, so they get the same ETSI
+    status and body as any other bad request. ``kind`` is ``bad`` (the
+    client's mistake), ``timeout`` (not received in time) or ``server`` (a
+    failure of ours). ETSI 014 answers 400, or 503 for ``server``, with the
+    Error body (014 defines no 408 or 413); ETSI 020 answers problem
+    details, with 408 ``timeout`` for a request not received in time (ETSI
+    020 clause 5.5). The connection closes: where a next request would start
+    is unknown.
+    """
+    code = {"timeout": ErrorCode.TIMEOUT, "server": ErrorCode.INTERNAL}.get(
+        kind, ErrorCode.INVALID_ARGUMENT)
+    if api == "etsi014":
+        code = ErrorCode.INVALID_ARGUMENT if kind == "timeout" else code
+        status, body014 = etsi014_error(KmstnError(code, message))
+        body = json.dumps(body014, separators=(",", ":")).encode()
+    else:
+        reason = "request_timeout" if kind == "timeout" else None
+        status, body = etsi020_problem(KmstnError(code, message, reason=reason))
+    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Cache-Control: no-store\r\n"
+            f"X-Request-ID: {request_id}\r\n"
+            "Connection: close\r\n\r\n").encode("latin-1")
+    # RFC 9110 9.3.2: an answer to HEAD has no content (the edge refuses HEAD,
+    # but a server behind it may answer one).
+    return head if method == "HEAD" else head + body

@@ -260,4 +260,7 @@ def obtain_root_secret(settings: KeyvaultSettings, vault_dir: Path, log: logging
 
 def _loud(log: logging.Logger, message: str, protection: str) -> None:
     log.warning(message, extra={"security": "degraded", "protection": protection})
-    print(f"kmstn-keyvault: {message}", file=sys.stderr, flush=True)
+    # Also in plain words on a terminal, for an operator starting it by hand;
+    # under systemd or the lab launcher stderr is the log, and that is JSON.
+    if sys.stderr.isatty():
+        print(f"kmstn-keyvault: {message}", file=sys.stderr, flush=True)

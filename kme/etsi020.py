@@ -114,7 +114,11 @@ def _extension(obj: dict[str, Any], name: str) -> dict[str, Any] | None:
         return None
     if not isinstance(value, dict) or len(value) > 1024:
         raise _bad("missing_parameters", f"{name} must be an object of at most 1024 properties")
-    # minProperties is 1; an empty object is read as "no extension" (lenient).
+    if not value and name == "extension_mandatory":
+        # Spec note 5.1: minProperties is 1. An empty extension_optional is read
+        # as none (lenient: it asks nothing); an empty extension_mandatory is
+        # refused, since a sender that means "no extension" omits it.
+        raise _bad("missing_parameters", "extension_mandatory must not be empty; omit it")
     return value or None
 
 
@@ -251,11 +255,10 @@ def parse_acks(body: bytes, allow_empty: bool = False) -> list[AckContainer]:
         container = obj.get("key_id_container", obj.get("key_ids"))
         if not isinstance(container, list) or not container or len(container) > MAX_KEYS:
             raise _bad("ack_not_understood", "key_id_container must be a non-empty array")
-        ids = tuple(
-            _uuid(_obj(item, "key_id_container[]", "ack_not_understood").get("key_id"),
-                  "key_id", "ack_not_understood")
-            for item in container
-        )
+        items = [_obj(item, "key_id_container[]", "ack_not_understood") for item in container]
+        if any(not isinstance(item.get("extension", {}), dict) for item in items):
+            raise _bad("ack_not_understood", "key_id_container[].extension must be an object")
+        ids = tuple(_uuid(item.get("key_id"), "key_id", "ack_not_understood") for item in items)
         status = obj.get("ack_status")
         if status not in ACK_STATUSES:
             raise _bad("ack_not_understood",

@@ -19,6 +19,7 @@ import datetime as _dt
 import json
 import logging
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any, TextIO
 
@@ -112,6 +113,22 @@ def configure(service: str, node: str, level: str = "info", stream: TextIO | Non
     root.setLevel(level.upper())
     # Library chatter at INFO (werkzeug request lines, grpc) is not ours.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    # Python's own warnings and uncaught exceptions would otherwise reach
+    # stderr as plain text: every line a process writes is JSON.
+    logging.captureWarnings(True)
+    crash = logging.getLogger("kmstn.crash")
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        crash.critical("uncaught exception", exc_info=(kind, value, tb))
+
+    def thread_excepthook(args: Any) -> None:
+        if args.exc_type is not SystemExit and args.exc_value is not None:
+            crash.critical("uncaught exception in a thread", exc_info=(
+                args.exc_type, args.exc_value, args.exc_traceback),
+                extra={"thread": getattr(args.thread, "name", None)})
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -170,9 +170,16 @@ def xor_bytes(a: bytes, b: bytes) -> bytes:
     return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(n, "big")
 
 
+_B64_RE = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+
+
 def b64decode_strict(text: object) -> bytes:
-    """Decode standard base64 (RFC 4648 table 1) or raise INVALID_ARGUMENT."""
-    if not isinstance(text, str):
+    """Decode standard base64 (RFC 4648 table 1) or raise INVALID_ARGUMENT.
+
+    Only the canonical form: padding where RFC 4648 puts it and nowhere else
+    (Python's decoder also takes surplus padding such as ``AAAA====``).
+    """
+    if not isinstance(text, str) or not _B64_RE.fullmatch(text):
         raise KmstnError(ErrorCode.INVALID_ARGUMENT, "key value must be a base64 string")
     try:
         return base64.b64decode(text.encode("ascii"), validate=True)

@@ -287,9 +287,11 @@ class Federation:
         return manifest
 
     def _spawn(self, spec: ServiceSpec) -> subprocess.Popen[bytes]:
-        """Start one service in its own process group, appending to its log."""
-        spec.log.parent.mkdir(parents=True, exist_ok=True)
-        with spec.log.open("ab") as out:
+        """Start one service in its own process group, appending to its log (mode 0600)."""
+        spec.log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(spec.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # a log made by an older launcher, too
+        with os.fdopen(fd, "ab") as out:
             return subprocess.Popen(  # noqa: S603 - our own argv
                 spec.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 cwd=self.state, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -58,7 +58,8 @@ class SaeClient:
                 resp = self._conn.getresponse()
                 raw = resp.read()
             except (http.client.RemoteDisconnected, ConnectionError, BrokenPipeError,
-                    ssl.SSLEOFError):  # TLS's word for a peer that closed the connection
+                    ssl.SSLEOFError,  # TLS's word for a peer that closed the connection
+                    ssl.SSLZeroReturnError):
                 self.close()
                 if attempt == 1 and not fresh:
                     continue  # the server closed an idle keep-alive connection

@@ -19,10 +19,13 @@ ConfigError), ``topology`` (:func:`load_topology`) and ``node``
 """
 
 from kme.config.model import (
+    CSPRNG_MAX_KEY_COUNT,
+    CSPRNG_MAX_PER_REQUEST,
     DEFAULT_METRICS_PORTS,
     DELIVERY_MODES,
     KMSTN_KINDS,
     LOG_LEVELS,
+    MAX_SAE_ID_COUNT,
     TPM_MODES,
     DeliveryMode,
     DeviceEndpoint,
@@ -51,11 +54,14 @@ from kme.config.reader import EX_CONFIG, ConfigError
 from kme.config.topology import load_topology
 
 __all__ = [
+    "CSPRNG_MAX_KEY_COUNT",
+    "CSPRNG_MAX_PER_REQUEST",
     "DEFAULT_METRICS_PORTS",
     "DELIVERY_MODES",
     "EX_CONFIG",
     "KMSTN_KINDS",
     "LOG_LEVELS",
+    "MAX_SAE_ID_COUNT",
     "TPM_MODES",
     "ConfigError",
     "DeliveryMode",

@@ -18,10 +18,13 @@ from kme.errors import ErrorCode, KmstnError
 from kme.types import NodeId, SaeId
 
 __all__ = [
+    "CSPRNG_MAX_KEY_COUNT",
+    "CSPRNG_MAX_PER_REQUEST",
     "DEFAULT_METRICS_PORTS",
     "DELIVERY_MODES",
     "KMSTN_KINDS",
     "LOG_LEVELS",
+    "MAX_SAE_ID_COUNT",
     "TPM_MODES",
     "DeliveryMode",
     "DeviceEndpoint",
@@ -235,6 +238,26 @@ class GatewaySettings:
     relay_timeout_ms: int = 10_000
     workers: int = 1
     threads: int = 32
+    # The edge of both ETSI listeners (gateway/edge.py). A client must finish
+    # its TLS handshake, the head of a request (from its first byte) and the
+    # body (from the end of the head) within these deadlines, or it is
+    # dropped; no request worker waits on it meanwhile.
+    handshake_timeout_ms: int = 5000
+    header_timeout_ms: int = 5000
+    body_timeout_ms: int = 5000
+    # How long a connection may wait, between requests, for the next one.
+    keepalive_timeout_ms: int = 15_000
+    # Connections still in their TLS handshake, and connections waiting for
+    # or sending a request (not yet with a worker), in total and per source
+    # address. Over the per-source handshake cap a new connection is refused;
+    # over the other caps the oldest such connection is dropped to make room.
+    # Per source, 64 handshakes leave room for a neighbour's relay (32 calls
+    # at once), 128 kept-alive connections for the paper's burst of 100
+    # simultaneous SAE requests (kmstn bench concurrency).
+    max_handshakes: int = 256
+    max_handshakes_per_source: int = 64
+    max_idle: int = 1024
+    max_idle_per_source: int = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +283,12 @@ class RelaySettings:
     # them per message). Each is 256 bits of the link's key.
     qkd_reserve: int = 8
 
+
+# Slaves per Get key beside the path slave (ETSI 014 max_SAE_ID_count).
+MAX_SAE_ID_COUNT: Final = 8
+# A node without QKD links serves keys from the CSPRNG with these limits.
+CSPRNG_MAX_KEY_COUNT: Final = 100_000
+CSPRNG_MAX_PER_REQUEST: Final = 128
 
 MetricsService = Literal["routing", "keyvault", "relay", "etsi014", "etsi020"]
 

@@ -146,6 +146,14 @@ def _read_gateway(g: Table) -> GatewaySettings:
         relay_timeout_ms=g.integer("relay_timeout_ms", lo=100, hi=600_000),
         workers=g.integer("workers", lo=1, hi=64),
         threads=g.integer("threads", lo=1, hi=1024),
+        handshake_timeout_ms=g.integer("handshake_timeout_ms", lo=100, hi=60_000),
+        header_timeout_ms=g.integer("header_timeout_ms", lo=100, hi=60_000),
+        body_timeout_ms=g.integer("body_timeout_ms", lo=100, hi=60_000),
+        keepalive_timeout_ms=g.integer("keepalive_timeout_ms", lo=100, hi=600_000),
+        max_handshakes=g.integer("max_handshakes", lo=1, hi=100_000),
+        max_handshakes_per_source=g.integer("max_handshakes_per_source", lo=1, hi=100_000),
+        max_idle=g.integer("max_idle", lo=1, hi=100_000),
+        max_idle_per_source=g.integer("max_idle_per_source", lo=1, hi=100_000),
     )
     g.close()
     return gateway

@@ -64,6 +64,8 @@ def parse_key_ids_body(body: bytes, *, max_ids: int = MAX_KEY_IDS,
     extra = sorted(set(obj) - {"key_IDs", "key_IDs_extension"})
     if extra and not lenient:
         raise bad(f"unknown field {shown(extra[0])} in Key IDs")
+    if not lenient and not isinstance(obj.get("key_IDs_extension", {}), (dict, type(None))):
+        raise bad("key_IDs_extension must be an object")
     raw = obj.get("key_IDs")
     if not isinstance(raw, list) or not raw:
         raise bad("key_IDs must be a non-empty array of {\"key_ID\": UUID} objects")
@@ -75,6 +77,10 @@ def parse_key_ids_body(body: bytes, *, max_ids: int = MAX_KEY_IDS,
             raise bad("each key_IDs entry must be an object with a key_ID")
         if set(item) - {"key_ID", "key_ID_extension"} and not lenient:
             raise bad("key_IDs entries take only key_ID and key_ID_extension")
+        if not lenient and not isinstance(item.get("key_ID_extension", {}),
+                                          (dict, type(None))):
+            # Clause 4.4: an object (reserved for future use).
+            raise bad("key_ID_extension must be an object")
         ids.append(key_id_of(item["key_ID"]))
     return _unique(ids)
 

@@ -29,7 +29,13 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kme.config import NodeConfig, QkdLink
+from kme.config import (
+    CSPRNG_MAX_KEY_COUNT,
+    CSPRNG_MAX_PER_REQUEST,
+    MAX_SAE_ID_COUNT,
+    NodeConfig,
+    QkdLink,
+)
 from kme.errors import ErrorCode, KmstnError
 from kme.etsi014 import KeyLimits, Status
 from kme.flows.context import Context
@@ -40,11 +46,6 @@ from kme.types import Deadline, Key, NodeId, SecretBytes
 __all__ = ["MAX_SAE_ID_COUNT", "Northbound", "Source", "dec_keys", "draw", "limits_for",
            "own_sae", "source_of"]
 
-# Slaves per Get key beside the path slave (ETSI 014 max_SAE_ID_count).
-MAX_SAE_ID_COUNT = 8
-# A node without QKD links serves keys from the CSPRNG with these limits.
-CSPRNG_MAX_KEY_COUNT = 100_000
-CSPRNG_MAX_PER_REQUEST = 128
 
 
 @dataclass(frozen=True, slots=True)

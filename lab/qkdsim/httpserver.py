@@ -305,7 +305,11 @@ class _Connection(asyncio.Protocol):
 
     def expire(self) -> None:
         """Idle too long: close, or abort if the client never read its last answer."""
-        if self._transport is not None and self._transport.get_write_buffer_size():
+        # A transport already closing (its connection_lost still to come) has
+        # no SSL protocol left to ask for its buffer size.
+        transport = self._transport
+        if transport is not None and not transport.is_closing() \
+                and transport.get_write_buffer_size():
             self.abort()
         else:
             self.close()

@@ -15,6 +15,7 @@ import requests
 from cheroot import wsgi
 from cheroot.ssl.pyopenssl import pyOpenSSLAdapter
 
+from gateway.auth import caller_identity
 from gateway.serve020 import _PeerGateway
 from kme.config import TlsFiles
 from kme.errors import ErrorCode, KmstnError
@@ -26,8 +27,8 @@ pytestmark = pytest.mark.integration
 
 
 def _app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-    body = json.dumps({k: environ.get(k) for k in
-                       ("kmstn.peer_cn", "kmstn.tls_group", "kmstn.tls_version")}).encode()
+    seen = {k: environ.get(k) for k in ("kmstn.tls_group", "kmstn.tls_version")}
+    body = json.dumps({"caller": caller_identity(environ), **seen}).encode()
     if environ["PATH_INFO"] == "/chunked":
         start_response("200 OK", [("Content-Type", "application/json")])
         return [body[:5], body[5:]]
@@ -66,7 +67,7 @@ def test_hybrid_group_is_negotiated_and_identity_seen(server: tuple[Pki, int, Tl
     assert resp.status == 200
     assert resp.tls_group == PQ_GROUP
     seen = json.loads(resp.body)
-    assert seen == {"kmstn.peer_cn": "CLI", "kmstn.tls_group": PQ_GROUP,
+    assert seen == {"caller": "CLI", "kmstn.tls_group": PQ_GROUP,
                     "kmstn.tls_version": "TLSv1.3"}
     # Chunked answers are decoded too (foreign KMSs may send them).
     assert json.loads(c.request("GET", f"https://127.0.0.1:{port}/chunked",

@@ -1,28 +1,20 @@
-"""gateway.serve020: how the TLS reader under cheroot treats a peer that vanished."""
+"""The edge's pyOpenSSL reads (ETSI 020): how a peer that vanished is told from a TLS error."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import pytest
 from OpenSSL import SSL
 
-from gateway.serve020 import _TlsRawIO
+from gateway.edge import PyOpenSslTls, WantRead
 
 
 class FakeConn:
-    """recv_into raises what pyOpenSSL raised for a real connection."""
+    """recv raises what pyOpenSSL raised for a real connection."""
 
     def __init__(self, error: Exception) -> None:
         self._error = error
 
-    def gettimeout(self) -> float:
-        return 1.0
-
-    def fileno(self) -> int:
-        return -1
-
-    def recv_into(self, buf: Any) -> int:
+    def recv(self, size: int) -> bytes:
         raise self._error
 
 
@@ -33,12 +25,17 @@ class FakeConn:
     SSL.SysCallError(-1, "Unexpected EOF"),
 ])
 def test_a_peer_that_went_away_is_end_of_file(error: Exception) -> None:
-    raw = _TlsRawIO(FakeConn(error), "rb")  # type: ignore[arg-type]
-    assert raw.readinto(bytearray(16)) == 0
+    tls = PyOpenSslTls(SSL.Context(SSL.TLS_METHOD))
+    assert tls.recv(FakeConn(error), 16) == b""
 
 
 def test_a_real_tls_error_is_a_connection_error() -> None:
-    raw = _TlsRawIO(FakeConn(SSL.Error([("SSL routines", "", "bad record mac")])),  # type: ignore[arg-type]
-                    "rb")
+    tls = PyOpenSslTls(SSL.Context(SSL.TLS_METHOD))
     with pytest.raises(ConnectionError, match="bad record mac"):
-        raw.readinto(bytearray(16))
+        tls.recv(FakeConn(SSL.Error([("SSL routines", "", "bad record mac")])), 16)
+
+
+def test_nothing_yet_is_want_read() -> None:
+    tls = PyOpenSslTls(SSL.Context(SSL.TLS_METHOD))
+    with pytest.raises(WantRead):
+        tls.recv(FakeConn(SSL.WantReadError()), 16)
