@@ -420,6 +420,42 @@ CONCURRENCY_COLUMNS = [("round", "round", "d"), ("pair", "pair", ""),
                        ("latency_p95_ms", "p95 ms", ".1f"), ("latency_max_ms", "max ms", ".1f")]
 
 
+def bench_roundtrip(ctx: Ctx) -> list[dict[str, Any]]:
+    """Whole exchanges at concurrency 1: enc_keys at the master, then dec_keys at the
+    slave, back to back over kept-alive connections; pairs per second, per round."""
+    rows = []
+    pairs = _pairs(ctx, lambda: [(_first_sae(ctx, "KMSTN1"), _first_sae(ctx, "KMSTN3"))])
+    for master, slave in pairs:
+        m, s = ctx.client(master), ctx.client(slave)
+        rates = []
+        for round_no in range(ctx.args.rounds + 1):  # round 0 warms every connection up
+            n = 10 if round_no == 0 else ctx.args.requests
+            t0 = time.perf_counter()
+            for _ in range(n):
+                status, body = m.enc_keys(slave, 1, KEY_BITS)
+                if status != 200:
+                    raise RuntimeError(f"enc_keys {master}->{slave}: {status} {body}")
+                status, got = s.dec_keys(master, [body["keys"][0]["key_ID"]])
+                if status != 200 or got["keys"] != body["keys"]:
+                    raise RuntimeError(f"dec_keys {slave}: {status} {got}")
+            if round_no:
+                rates.append(n / (time.perf_counter() - t0))
+        hops, kinds = route_summary(ctx, master, slave)
+        ctx.samples.setdefault("roundtrip", {})[f"{master}->{slave}"] = {"pairs_per_s": rates}
+        rows.append({"pair": f"{master}->{slave}", "hops": hops, "path": kinds,
+                     "rounds": len(rates), "requests": ctx.args.requests,
+                     "pairs_per_s_median": statistics.median(rates),
+                     "pairs_per_s_min": min(rates), "pairs_per_s_max": max(rates)})
+        m.close()
+        s.close()
+    return rows
+
+
+ROUNDTRIP_COLUMNS = [("pair", "pair", ""), ("hops", "hops", "d"), ("rounds", "rounds", "d"),
+                     ("pairs_per_s_median", "pairs/s p50", ".1f"),
+                     ("pairs_per_s_min", "min", ".1f"), ("pairs_per_s_max", "max", ".1f")]
+
+
 def _cpu_seconds(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -496,7 +532,8 @@ def run_bench(kind: str, state: Path, args: Any) -> int:
     runners = {"keyrate": (bench_keyrate, KEYRATE_COLUMNS),
                "delay": (bench_delay, DELAY_COLUMNS),
                "concurrency": (bench_concurrency, CONCURRENCY_COLUMNS),
-               "resources": (bench_resources, RESOURCE_COLUMNS)}
+               "resources": (bench_resources, RESOURCE_COLUMNS),
+               "roundtrip": (bench_roundtrip, ROUNDTRIP_COLUMNS)}
     for name in kinds:
         fn, columns = runners[name]
         print(f"\n== {name} ({manifest['name']}, QKD rate scale {scale:g}) ==", flush=True)

@@ -11,7 +11,7 @@
     kmstn sae get-key --state DIR --sae SAE --slave SLAVE [--number N] [--size BITS]
     kmstn sae get-key-with-ids --state DIR --sae SAE --master MASTER KEY_ID...
     kmstn sae rotate --state DIR --sae SAE --peer PEER --role master|slave ...
-    kmstn bench keyrate|delay|concurrency|resources|all --state DIR
+    kmstn bench keyrate|delay|concurrency|resources|roundtrip|all --state DIR
     kmstn dashboard --state DIR [--port 8090]    a live picture of a lab federation
     kmstn trace --state DIR KEY_ID               one key's path through a lab's logs
 
@@ -170,6 +170,7 @@ def add_bench(sub: Subcommands) -> None:
                        ("delay", "Table IV: latency and jitter"),
                        ("concurrency", "Fig. 7: simultaneous requests to one KMSTN"),
                        ("resources", "CPU seconds and peak RSS of every process"),
+                       ("roundtrip", "enc_keys + dec_keys pairs per second at concurrency 1"),
                        ("all", "keyrate, delay, concurrency and resources")):
         p = bench_sub.add_parser(name, help=text)
         p.add_argument("--state", required=True)
