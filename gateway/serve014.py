@@ -49,6 +49,7 @@ from gateway.edge import (
 )
 from gateway.errors import refusal_response
 from gateway.http1 import Limits, Refused, Request
+from kme import metrics
 from kme.config import NodeConfig
 
 __all__ = ["EdgeWorker", "Etsi014Server", "tls_context"]
@@ -91,6 +92,8 @@ class EdgeWorker(ThreadWorker):  # type: ignore[misc]
 
     def init_process(self) -> None:
         self.edge_counters = EdgeCounters()
+        counters = self.edge_counters
+        metrics.register_edge_counters(counters.snapshot, lambda: dict(counters.gauges))
         self._tls = StdlibTls(tls_context(self.node_config))
         self._loop: FrontLoop | None = None
         super().init_process()

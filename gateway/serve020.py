@@ -47,6 +47,7 @@ from gateway.edge import (
 )
 from gateway.errors import RefusalKind, refusal_response
 from gateway.http1 import Limits, Request
+from kme import metrics
 from kme.config import NodeConfig
 from kme.pqtls import server_context
 
@@ -253,6 +254,8 @@ class _Server(wsgi.Server):
                          request_queue_size=128, shutdown_timeout=10)
         self.gateway = _PeerGateway
         self.edge_counters = EdgeCounters()
+        counters = self.edge_counters
+        metrics.register_edge_counters(counters.snapshot, lambda: dict(counters.gauges))
         self._settings = EdgeSettings.from_config(config.gateway)
         self._tls = PyOpenSslTls(server_context(config.tls))
         self._authority = authority_matcher(node.host, node.etsi020_port)

@@ -56,7 +56,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = [
@@ -345,6 +345,30 @@ def register_keyvault_stock(
         yield stock
 
     collector = _Scraped(read, log)
+    REGISTRY.register(collector)
+    return collector
+
+
+def register_edge_counters(snapshot: Callable[[], Mapping[str, int]],
+                           gauges: Callable[[], Mapping[str, int]],
+                           log: logging.Logger | None = None) -> Collector:
+    """The ETSI listener's edge (gateway/edge.py): connections refused, dropped or timed
+    out, by reason (counters since start), and connections held now, by state."""
+
+    def read() -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        refused = CounterMetricFamily(
+            "kmstn_edge_connections_closed", "Connections the edge refused, dropped or timed "
+            "out before a worker saw a request, by reason", labels=["reason"])
+        for reason, n in sorted(snapshot().items()):
+            refused.add_metric([reason], n)
+        yield refused
+        held = GaugeMetricFamily("kmstn_edge_connections", "Connections the edge holds now, "
+                                 "by state", labels=["state"])
+        for state, n in sorted(gauges().items()):
+            held.add_metric([state], n)
+        yield held
+
+    collector = _Scraped(read, log)  # type: ignore[arg-type]
     REGISTRY.register(collector)
     return collector
 

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.edge import EdgeCounters
 from kme import log as kmelog
 from kme import metrics
 from kme.channels import call
@@ -286,3 +287,18 @@ def test_parse_exposition_reads_our_own_output() -> None:
     got = scrape.values("kmstn_http_requests_total", api="etsi020", operation="ext_keys",
                         status="503")
     assert got and got[0][1] >= 1
+
+
+def test_the_edge_counts_closed_connections_by_reason_and_holds_by_state() -> None:
+    counters = EdgeCounters()
+    collector = metrics.register_edge_counters(counters.snapshot, lambda: dict(counters.gauges))
+    try:
+        counters.add("handshake_timeout", 3)
+        counters.add("refused_handshake_per_source")
+        counters.gauges = {"handshaking": 2, "idle": 5}
+        assert _value("kmstn_edge_connections_closed_total", reason="handshake_timeout") == 3
+        assert _value("kmstn_edge_connections_closed_total",
+                      reason="refused_handshake_per_source") == 1
+        assert _value("kmstn_edge_connections", state="idle") == 5
+    finally:
+        metrics.unregister(collector)
