@@ -27,13 +27,14 @@ that owns every connection until a complete request is in memory:
   dropped. Stalls spread over many addresses thus cost the stalls, not the
   newest connections: a real client's handshake takes milliseconds, so it is
   never the oldest.
-- Every refusal and drop is counted in :class:`EdgeCounters` (a later
-  metrics endpoint reads :meth:`EdgeCounters.snapshot`) and summarised in
+- Every refusal and drop is counted in :class:`EdgeCounters` (read by a
+  Prometheus family, kme.metrics.register_edge_counters) and summarised in
   one WARNING line per interval, never one per connection.
 
 Caps are per listener process (each Gunicorn worker runs its own loop).
 Responses are written by the workers, on a socket with a send timeout.
 """
+
 
 from __future__ import annotations
 
@@ -45,19 +46,33 @@ import queue
 import selectors
 import socket
 import ssl
-import struct
-import threading
 import time
-import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 from OpenSSL import SSL
 
+from gateway.edgestate import (
+    RECV,
+    SUMMARY_INTERVAL_S,
+    Closing,
+    EdgeConn,
+    EdgeCounters,
+    EdgeSettings,
+    Pool,
+    Render,
+    authority_matcher,
+    reset_connection,
+)
+from gateway.edgetls import (
+    PyOpenSslTls,
+    StdlibTls,
+    TlsEngine,
+    TlsHandshakeError,
+    WantRead,
+    WantWrite,
+)
 from gateway.http1 import Limits, Refused, Request, RequestReader
-from kme.config import GatewaySettings
 
 __all__ = [
     "EdgeConn",
@@ -71,312 +86,11 @@ __all__ = [
     "authority_matcher",
 ]
 
-State = Literal["handshake", "wait", "head", "body", "busy", "closing"]
-# Render a refusal as a complete HTTP response: (refusal, request method, request ID).
-Render = Callable[[Refused, str, str], bytes]
-
-LINGER_S: Final = 2.0  # after a refusal, how long incoming bytes are read and discarded
-LINGER_BYTES: Final = 1 << 20
-SUMMARY_INTERVAL_S: Final = 10.0
 _SWEEP_S: Final = 0.1  # deadline granularity
 _ACCEPT_BATCH: Final = 64
-_RECV: Final = 65_536
 
 
-@dataclass(frozen=True, slots=True)
-class EdgeSettings:
-    handshake_timeout: float
-    header_timeout: float
-    body_timeout: float
-    idle_timeout: float
-    send_timeout: float  # a worker writing an answer to a client that does not read
-    max_handshakes: int
-    max_handshakes_per_source: int
-    max_idle: int
-    max_idle_per_source: int
-
-    @classmethod
-    def from_config(cls, g: GatewaySettings) -> EdgeSettings:
-        return cls(
-            handshake_timeout=g.handshake_timeout_ms / 1000,
-            header_timeout=g.header_timeout_ms / 1000,
-            body_timeout=g.body_timeout_ms / 1000,
-            idle_timeout=g.keepalive_timeout_ms / 1000,
-            send_timeout=g.body_timeout_ms / 1000,
-            max_handshakes=g.max_handshakes,
-            max_handshakes_per_source=g.max_handshakes_per_source,
-            max_idle=g.max_idle,
-            max_idle_per_source=g.max_idle_per_source,
-        )
-
-
-class EdgeCounters:
-    """Counts of connections refused, dropped or timed out at the edge; thread-safe.
-
-    Over a cap: ``refused_handshake_per_source``, ``dropped_handshake_total``,
-    ``dropped_idle_per_source``, ``dropped_idle_total``. Deadlines:
-    ``handshake_timeout``, ``header_timeout``, ``body_timeout``,
-    ``idle_timeout``. Others: ``handshake_failed``, ``refused_request``.
-    """
-
-    OVER_CAP: Final = ("refused_handshake_per_source", "dropped_handshake_total",
-                       "dropped_idle_per_source", "dropped_idle_total")
-    STALLS: Final = ("handshake_timeout", "header_timeout", "body_timeout")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
-        self._logged: dict[str, int] = {}
-        self.gauges: dict[str, int] = {}
-
-    def add(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[name] = self._counts.get(name, 0) + n
-
-    def snapshot(self) -> dict[str, int]:
-        """Totals since start (monotonic counters)."""
-        with self._lock:
-            return dict(self._counts)
-
-    def since_last_summary(self) -> dict[str, int]:
-        """What changed since the previous call (for the interval log line)."""
-        with self._lock:
-            delta = {k: v - self._logged.get(k, 0) for k, v in self._counts.items()
-                     if v != self._logged.get(k, 0)}
-            self._logged = dict(self._counts)
-        return delta
-
-
-class WantRead(Exception):  # noqa: N818 - flow control, not a failure
-    pass
-
-
-class WantWrite(Exception):  # noqa: N818 - flow control, not a failure
-    pass
-
-
-class TlsHandshakeError(Exception):
-    pass
-
-
-class TlsEngine(Protocol):
-    """Non-blocking TLS for the loop: one implementation per TLS library."""
-
-    def wrap(self, sock: socket.socket) -> tuple[socket.socket, Any]:
-        """(the socket that owns the descriptor, the TLS connection)."""
-        ...
-
-    def handshake(self, tls: Any) -> None: ...
-
-    def recv(self, tls: Any, size: int) -> bytes: ...
-
-    def send(self, tls: Any, data: bytes) -> int: ...
-
-    def to_worker(self, conn: EdgeConn, send_timeout: float) -> None: ...
-
-    def to_loop(self, conn: EdgeConn) -> None: ...
-
-    def close_notify(self, tls: Any) -> None:
-        """Send TLS close_notify if it fits now (best effort; the socket closes next)."""
-        ...
-
-
-class StdlibTls:
-    """Python's ssl (ETSI 014): an SSLSocket whose handshake is not done on connect."""
-
-    def __init__(self, ctx: ssl.SSLContext) -> None:
-        self._ctx = ctx
-
-    def wrap(self, sock: socket.socket) -> tuple[socket.socket, Any]:
-        tls = self._ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False,
-                                    suppress_ragged_eofs=True)
-        return tls, tls
-
-    def handshake(self, tls: Any) -> None:
-        try:
-            tls.do_handshake()
-        except ssl.SSLWantReadError:
-            raise WantRead from None
-        except ssl.SSLWantWriteError:
-            raise WantWrite from None
-        except (ssl.SSLError, OSError) as exc:
-            raise TlsHandshakeError(str(exc)) from None
-
-    def recv(self, tls: Any, size: int) -> bytes:
-        try:
-            return bytes(tls.recv(size))
-        except ssl.SSLWantReadError:
-            raise WantRead from None
-        except ssl.SSLWantWriteError:
-            raise WantWrite from None
-        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-            return b""
-        except (ssl.SSLError, OSError) as exc:
-            raise ConnectionError(str(exc)) from None
-
-    def send(self, tls: Any, data: bytes) -> int:
-        try:
-            return int(tls.send(data))
-        except ssl.SSLWantReadError:
-            raise WantRead from None
-        except ssl.SSLWantWriteError:
-            raise WantWrite from None
-        except (ssl.SSLError, OSError) as exc:
-            raise ConnectionError(str(exc)) from None
-
-    def to_worker(self, conn: EdgeConn, send_timeout: float) -> None:
-        # Gunicorn writes with sendall(): blocking, but never longer than this.
-        conn.tls.settimeout(send_timeout)
-
-    def to_loop(self, conn: EdgeConn) -> None:
-        conn.tls.setblocking(False)
-
-    def close_notify(self, tls: Any) -> None:
-        # unwrap() writes close_notify, then wants the peer's: WantRead here.
-        with contextlib.suppress(ssl.SSLError, OSError, ValueError):
-            tls.unwrap()
-
-
-class PyOpenSslTls:
-    """pyOpenSSL (ETSI 020, X25519MLKEM768): an SSL.Connection on a non-blocking socket."""
-
-    def __init__(self, ctx: SSL.Context) -> None:
-        self._ctx = ctx
-
-    def wrap(self, sock: socket.socket) -> tuple[socket.socket, Any]:
-        tls = SSL.Connection(self._ctx, sock)
-        tls.set_accept_state()
-        return sock, tls
-
-    def handshake(self, tls: Any) -> None:
-        try:
-            tls.do_handshake()
-        except SSL.WantReadError:
-            raise WantRead from None
-        except SSL.WantWriteError:
-            raise WantWrite from None
-        except (SSL.Error, OSError) as exc:
-            raise TlsHandshakeError(repr(exc)) from None
-
-    def recv(self, tls: Any, size: int) -> bytes:
-        try:
-            return bytes(tls.recv(size))
-        except SSL.WantReadError:
-            raise WantRead from None
-        except SSL.WantWriteError:
-            raise WantWrite from None
-        except SSL.ZeroReturnError:
-            return b""
-        except SSL.SysCallError as exc:
-            if exc.args and exc.args[0] in (-1, 0):  # EOF without close_notify
-                return b""
-            raise ConnectionError(repr(exc)) from None
-        except SSL.Error as exc:
-            # A peer that vanished without close_notify (a killed process):
-            # OpenSSL 3 says "unexpected eof", or leaves its error queue empty
-            # when the connection was reset. That is the end of the stream.
-            errors = exc.args[0] if exc.args else []
-            if not errors or any("unexpected eof" in str(e).lower() for e in errors):
-                return b""
-            raise ConnectionError(repr(exc)) from None
-        except OSError as exc:
-            raise ConnectionError(repr(exc)) from None
-
-    def send(self, tls: Any, data: bytes) -> int:
-        try:
-            return int(tls.send(data))
-        except SSL.WantReadError:
-            raise WantRead from None
-        except SSL.WantWriteError:
-            raise WantWrite from None
-        except (SSL.Error, OSError) as exc:
-            raise ConnectionError(repr(exc)) from None
-
-    def to_worker(self, conn: EdgeConn, send_timeout: float) -> None:
-        # The socket stays non-blocking: serve020's writer waits with select().
-        del conn, send_timeout
-
-    def to_loop(self, conn: EdgeConn) -> None:
-        del conn
-
-    def close_notify(self, tls: Any) -> None:
-        with contextlib.suppress(SSL.Error, OSError):
-            tls.shutdown()
-
-
-class EdgeConn:
-    """One client connection as the loop sees it. ``handle`` belongs to the server behind."""
-
-    __slots__ = ("deadline", "events", "handle", "out", "peer", "reader", "seq", "sock",
-                 "source", "state", "tls")
-
-    def __init__(self, sock: socket.socket, tls: Any, peer: Any, seq: int,
-                 reader: RequestReader) -> None:
-        self.sock = sock
-        self.tls = tls
-        self.peer = peer
-        self.source = str(peer[0]) if isinstance(peer, tuple) else str(peer)
-        self.seq = seq
-        self.reader = reader
-        self.state: State = "handshake"
-        self.deadline = 0.0
-        self.events = 0
-        self.out = b""
-        self.handle: Any = None
-
-
-class _Pool:
-    """Connections of one class, oldest first, overall and per source address."""
-
-    def __init__(self) -> None:
-        self._all: OrderedDict[int, EdgeConn] = OrderedDict()
-        self._by_source: dict[str, OrderedDict[int, EdgeConn]] = {}
-
-    def __len__(self) -> int:
-        return len(self._all)
-
-    def __iter__(self) -> Iterator[EdgeConn]:
-        return iter(list(self._all.values()))  # a copy: callers close as they go
-
-    def count(self, source: str) -> int:
-        return len(self._by_source.get(source, ()))
-
-    def add(self, conn: EdgeConn) -> None:
-        self._all[conn.seq] = conn
-        self._by_source.setdefault(conn.source, OrderedDict())[conn.seq] = conn
-
-    def discard(self, conn: EdgeConn) -> None:
-        if self._all.pop(conn.seq, None) is None:
-            return
-        mine = self._by_source[conn.source]
-        mine.pop(conn.seq, None)
-        if not mine:
-            del self._by_source[conn.source]
-
-    def oldest(self, source: str | None = None) -> EdgeConn | None:
-        group = self._all if source is None else self._by_source.get(source)
-        return next(iter(group.values()), None) if group else None
-
-
-def authority_matcher(host: str, port: int) -> Callable[[str], bool]:
-    """Whether an absolute-form authority names this listener (RFC 9112 3.2.2)."""
-    want = host.lower().strip("[]")
-
-    def accept(authority: str) -> bool:
-        name, _, port_text = authority.rpartition(":") if not authority.endswith("]") \
-            else (authority, "", "")
-        if not name:
-            name, port_text = authority, ""
-        try:
-            got_port = int(port_text) if port_text else 443
-        except ValueError:
-            return False
-        return name.lower().strip("[]") == want and got_port == port
-
-    return accept
-
-
-class FrontLoop:
+class FrontLoop(Closing):
     """The selector loop of one listener process (see the module docstring)."""
 
     def __init__(self, *, name: str, listeners: Sequence[Any], tls: TlsEngine,
@@ -395,8 +109,8 @@ class FrontLoop:
         self.counters = counters
         self._log = log
         self._sel = selectors.DefaultSelector()
-        self._handshaking = _Pool()
-        self._idle = _Pool()  # wait, head and body
+        self._handshaking = Pool()
+        self._idle = Pool()  # wait, head and body
         self._closing: dict[int, EdgeConn] = {}
         self._busy: set[int] = set()
         self._seq = 0
@@ -531,7 +245,7 @@ class FrontLoop:
             source = str(peer[0]) if isinstance(peer, tuple) else str(peer)
             if self._handshaking.count(source) >= s.max_handshakes_per_source:
                 self.counters.add("refused_handshake_per_source")
-                _reset(sock)
+                reset_connection(sock)
                 continue
             if len(self._handshaking) >= s.max_handshakes:
                 oldest = self._handshaking.oldest()
@@ -548,7 +262,7 @@ class FrontLoop:
             owner, tls = self._tls.wrap(sock)
         except (OSError, ssl.SSLError, SSL.Error):
             self.counters.add("handshake_failed")
-            _reset(sock)
+            reset_connection(sock)
             return
         self._seq += 1
         conn = EdgeConn(owner, tls, peer, self._seq,
@@ -614,7 +328,7 @@ class FrontLoop:
             return  # a pipelined request was already buffered
         while conn.state in ("wait", "head", "body"):
             try:
-                data = self._tls.recv(conn.tls, _RECV)
+                data = self._tls.recv(conn.tls, RECV)
             except WantRead:
                 self._want(conn, selectors.EVENT_READ)
                 return
@@ -693,134 +407,3 @@ class FrontLoop:
             self._read(conn)
 
     # -- refusing ----------------------------------------------------------------------
-
-    def _refuse(self, conn: EdgeConn, exc: Refused, counter: str = "refused_request") -> None:
-        self.counters.add(counter)
-        request_id = str(uuid.uuid4())
-        # A malformed request gets its own line; a stalled one is a stall like
-        # a stalled handshake, counted and summarised per interval instead.
-        self._log.log(logging.DEBUG if exc.timeout else logging.WARNING, "request refused",
-                      extra={"listener": self._name, "peer": conn.source,
-                             "reason": exc.message, "request_id": request_id})
-        method = _method_of(conn)
-        self._idle.discard(conn)
-        conn.out = self._render(exc, method, request_id)
-        conn.state = "closing"
-        conn.deadline = time.monotonic() + LINGER_S
-        self._closing[conn.seq] = conn
-        self._flush(conn)
-
-    def _flush(self, conn: EdgeConn) -> None:
-        while conn.out:
-            try:
-                sent = self._tls.send(conn.tls, conn.out)
-            except WantWrite:
-                self._want(conn, selectors.EVENT_WRITE)
-                return
-            except WantRead:
-                self._want(conn, selectors.EVENT_READ)
-                return
-            except ConnectionError:
-                self._close(conn)
-                return
-            conn.out = conn.out[sent:]
-        # Half-close, then read and discard what the client is still sending
-        # (the rest of a 100 KB path, say): closing with unread input would
-        # make the kernel send a reset, and the client might lose the answer.
-        self._tls.close_notify(conn.tls)
-        with contextlib.suppress(OSError):
-            socket.socket.shutdown(conn.sock, socket.SHUT_WR)
-        self._want(conn, selectors.EVENT_READ)
-        self._linger(conn)
-
-    def _linger(self, conn: EdgeConn) -> None:
-        total = 0
-        while total < LINGER_BYTES:
-            try:
-                data = socket.socket.recv(conn.sock, _RECV)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                break
-            if not data:
-                break
-            total += len(data)
-        self._close(conn)
-
-    # -- deadlines and closing ----------------------------------------------------------
-
-    def _sweep(self, now: float) -> None:
-        for conn in self._handshaking:
-            if conn.deadline <= now:
-                self.counters.add("handshake_timeout")
-                self._close(conn, reset=True)
-        for conn in self._idle:
-            if conn.deadline > now:
-                continue
-            if conn.state == "wait":
-                self.counters.add("idle_timeout")
-                self._close(conn)
-            elif conn.state == "head":
-                self._refuse(conn, Refused("request head not received in time", timeout=True),
-                             "header_timeout")
-            else:
-                self._refuse(conn, Refused("request body not received in time", timeout=True),
-                             "body_timeout")
-        for conn in list(self._closing.values()):
-            if conn.deadline <= now:
-                self._close(conn)
-        self.counters.gauges = {"handshaking": len(self._handshaking),
-                                "idle": len(self._idle), "busy": len(self._busy)}
-
-    def _summary(self) -> None:
-        delta = self.counters.since_last_summary()
-        if any(delta.get(k) for k in (*EdgeCounters.OVER_CAP, *EdgeCounters.STALLS)):
-            self._log.warning("connections refused or dropped at the edge", extra={
-                "listener": self._name, "interval_s": SUMMARY_INTERVAL_S, **delta,
-                **self.counters.gauges})
-
-    def _want(self, conn: EdgeConn, events: int) -> None:
-        if events == conn.events:
-            return
-        try:
-            if events == 0:
-                self._sel.unregister(conn.sock)
-            elif conn.events:
-                self._sel.modify(conn.sock, events, ("conn", conn))
-            else:
-                self._sel.register(conn.sock, events, ("conn", conn))
-        except (KeyError, ValueError, OSError):
-            pass
-        conn.events = events
-
-    def _close(self, conn: EdgeConn, reset: bool = False) -> None:
-        self._handshaking.discard(conn)
-        self._idle.discard(conn)
-        self._closing.pop(conn.seq, None)
-        if conn.events:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self._sel.unregister(conn.sock)
-            conn.events = 0
-        if conn.state in ("wait", "head", "body") and not reset:
-            # A kept-alive connection closed by us (idle, over a cap, at
-            # shutdown): close_notify tells the client it was a clean close, so
-            # it retries on a new connection instead of reporting an error.
-            self._tls.close_notify(conn.tls)
-        conn.state = "closing"
-        if reset:
-            _reset(conn.sock)
-        else:
-            with contextlib.suppress(OSError):
-                conn.sock.close()
-
-
-def _method_of(conn: EdgeConn) -> str:
-    return conn.reader.method or "GET"
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close without the TIME_WAIT of a normal close: for connections never served."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    with contextlib.suppress(OSError):
-        sock.close()

@@ -95,7 +95,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     client gets (ErrorInterceptor, inside it, has already turned a
     KmstnError into its gRPC status). The request ID comes from the
     ``x-request-id`` metadata that kme.channels.call sends. Streaming calls
-    (Routing.Watch, opened once by each gateway's replica) pass untouched:
+    (Routing.WatchTable, opened once by each follower of the table) pass untouched:
     they belong to no request, and their length says nothing.
     """
 
