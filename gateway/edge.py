@@ -50,8 +50,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from OpenSSL import SSL
-
 from gateway.edgestate import (
     RECV,
     SUMMARY_INTERVAL_S,
@@ -65,7 +63,6 @@ from gateway.edgestate import (
     reset_connection,
 )
 from gateway.edgetls import (
-    PyOpenSslTls,
     StdlibTls,
     TlsEngine,
     TlsHandshakeError,
@@ -79,7 +76,6 @@ __all__ = [
     "EdgeCounters",
     "EdgeSettings",
     "FrontLoop",
-    "PyOpenSslTls",
     "Render",
     "StdlibTls",
     "TlsEngine",
@@ -260,7 +256,7 @@ class FrontLoop(Closing):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             owner, tls = self._tls.wrap(sock)
-        except (OSError, ssl.SSLError, SSL.Error):
+        except (OSError, ssl.SSLError):
             self.counters.add("handshake_failed")
             reset_connection(sock)
             return

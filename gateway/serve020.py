@@ -42,9 +42,9 @@ from gateway.edge import (
     EdgeCounters,
     EdgeSettings,
     FrontLoop,
-    PyOpenSslTls,
     authority_matcher,
 )
+from gateway.edgetls_openssl import PyOpenSslTls
 from gateway.errors import RefusalKind, refusal_response
 from gateway.http1 import Limits, Request
 from kme import metrics

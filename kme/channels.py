@@ -8,8 +8,8 @@ from typing import Literal, TypeVar
 import grpc
 
 from kme.config import Endpoint, NodeConfig, TlsFiles
-from kme.errors import from_rpc_error
 from kme.log import request_id_metadata
+from kme.rpcerrors import from_rpc_error
 
 __all__ = ["call", "internal_channel", "mtls_channel"]
 

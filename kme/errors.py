@@ -15,11 +15,12 @@ is for the private log only. The HTTP side (ETSI status codes) is decided in
 from __future__ import annotations
 
 import enum
-import logging
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
+if TYPE_CHECKING:
+    import grpc
+
+    from kme.rpcerrors import ErrorInterceptor, from_rpc_error
 
 __all__ = [
     "ERROR_CODE_METADATA_KEY",
@@ -35,58 +36,62 @@ ERROR_REASON_METADATA_KEY = "kmstn-error-reason"
 
 
 class ErrorCode(enum.Enum):
-    """What went wrong, independent of transport. Value = gRPC status."""
+    """What went wrong, independent of transport. Value = the gRPC status's name."""
 
     # The request is malformed or violates a documented limit.
-    INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
     # ETSI 014 4.2: a bytes-only KME got a size that is not a multiple of 8.
-    SIZE_NOT_MULTIPLE_OF_8 = grpc.StatusCode.INVALID_ARGUMENT
+    SIZE_NOT_MULTIPLE_OF_8 = "INVALID_ARGUMENT"
     # An extension_mandatory entry this node does not implement.
-    UNSUPPORTED_MANDATORY_EXTENSION = grpc.StatusCode.UNIMPLEMENTED
+    UNSUPPORTED_MANDATORY_EXTENSION = "UNIMPLEMENTED"
     # An extension_mandatory entry that is known but cannot be satisfied.
-    UNSATISFIED_MANDATORY_EXTENSION = grpc.StatusCode.FAILED_PRECONDITION
+    UNSATISFIED_MANDATORY_EXTENSION = "FAILED_PRECONDITION"
     # An SAE ID that no KMSTN in the topology serves.
-    UNKNOWN_SAE = grpc.StatusCode.NOT_FOUND
+    UNKNOWN_SAE = "NOT_FOUND"
     # A node or link ID that the topology does not have.
-    UNKNOWN_NODE = grpc.StatusCode.NOT_FOUND
+    UNKNOWN_NODE = "NOT_FOUND"
     # One or more key IDs are not held here (or not for that master).
-    KEY_NOT_FOUND = grpc.StatusCode.NOT_FOUND
+    KEY_NOT_FOUND = "NOT_FOUND"
     # A key ID already exists with other bytes, or was taken or voided.
-    KEY_CONFLICT = grpc.StatusCode.ALREADY_EXISTS
+    KEY_CONFLICT = "ALREADY_EXISTS"
     # The caller is authenticated but not allowed (e.g. not a named slave).
-    PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
+    PERMISSION_DENIED = "PERMISSION_DENIED"
     # The caller could not be authenticated.
-    UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+    UNAUTHENTICATED = "UNAUTHENTICATED"
     # Too little key material stored to satisfy a valid request.
-    INSUFFICIENT_KEY = grpc.StatusCode.RESOURCE_EXHAUSTED
+    INSUFFICIENT_KEY = "RESOURCE_EXHAUSTED"
     # No path to the destination with the links that are up.
-    NO_ROUTE = grpc.StatusCode.UNAVAILABLE
+    NO_ROUTE = "UNAVAILABLE"
     # The route would send the key straight back to the node it came from.
-    INVALID_ROUTING = grpc.StatusCode.FAILED_PRECONDITION
+    INVALID_ROUTING = "FAILED_PRECONDITION"
     # A neighbour, device or internal service did not answer usefully.
-    UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+    UNAVAILABLE = "UNAVAILABLE"
     # Something took longer than its deadline.
-    TIMEOUT = grpc.StatusCode.DEADLINE_EXCEEDED
+    TIMEOUT = "DEADLINE_EXCEEDED"
     # An envelope failed authentication (IV, ciphertext, tag, header).
-    TAMPERED = grpc.StatusCode.INVALID_ARGUMENT
+    TAMPERED = "INVALID_ARGUMENT"
     # An envelope names a KEM session that is unknown, expired or used.
-    UNKNOWN_SESSION = grpc.StatusCode.FAILED_PRECONDITION
+    UNKNOWN_SESSION = "FAILED_PRECONDITION"
     # The key store is sealed (its database key could not be unsealed).
-    SEALED = grpc.StatusCode.UNAVAILABLE
+    SEALED = "UNAVAILABLE"
     # A bug or an unexpected failure; details go to the private log only.
-    INTERNAL = grpc.StatusCode.INTERNAL
+    INTERNAL = "INTERNAL"
 
     # Several names share a gRPC status, so enum aliasing must be avoided:
     # give each member a distinct value while keeping the status reachable.
-    def __new__(cls, status: grpc.StatusCode) -> ErrorCode:
+    def __new__(cls, status: str) -> ErrorCode:
         obj = object.__new__(cls)
         obj._value_ = (len(cls.__members__), status)
         return obj
 
     @property
     def grpc_status(self) -> grpc.StatusCode:
-        status: grpc.StatusCode = self.value[1]
-        return status
+        # Imported here, not at the top: this module is the base of every
+        # kmstn process, and the 014 listener's Gunicorn arbiter, which
+        # speaks no gRPC, then does not carry the gRPC runtime (about 15 MB).
+        import grpc
+
+        return grpc.StatusCode[self.value[1]]
 
 
 class KmstnError(Exception):
@@ -110,78 +115,11 @@ class KmstnError(Exception):
         return f"KmstnError({self.code.name}, {self.public!r})"
 
 
-def from_rpc_error(err: grpc.RpcError) -> KmstnError:
-    """Turn a failed gRPC call back into the KmstnError the server raised."""
-    code: ErrorCode | None = None
-    reason: str | None = None
-    trailing: Any = getattr(err, "trailing_metadata", lambda: None)() or ()
-    for key, value in trailing:
-        if key == ERROR_CODE_METADATA_KEY and value in ErrorCode.__members__:
-            code = ErrorCode[value]
-        elif key == ERROR_REASON_METADATA_KEY:
-            reason = str(value)
-    status: Any = getattr(err, "code", lambda: None)()
-    details: Any = getattr(err, "details", lambda: None)()
-    if code is None:
-        if status == grpc.StatusCode.DEADLINE_EXCEEDED:
-            code = ErrorCode.TIMEOUT
-        elif status == grpc.StatusCode.UNAVAILABLE:
-            code = ErrorCode.UNAVAILABLE
-        else:
-            code = next(
-                (c for c in ErrorCode if c.grpc_status == status), ErrorCode.INTERNAL
-            )
-        # Transport failures carry library text; keep it private.
-        return KmstnError(code, "internal service unavailable", cause=str(details))
-    return KmstnError(code, str(details or code.name), reason=reason)
+def __getattr__(name: str) -> Any:
+    """``ErrorInterceptor`` and ``from_rpc_error`` live in kme.rpcerrors (they need gRPC);
+    importing them from here still works, without loading gRPC for every process."""
+    if name in ("ErrorInterceptor", "from_rpc_error"):
+        from kme import rpcerrors
 
-
-class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    """Map exceptions raised by servicers to gRPC status codes, in one place.
-
-    ``KmstnError`` becomes its ErrorCode's status with the public message and
-    the code name in trailing metadata; any other exception becomes INTERNAL
-    with a fixed message, and its traceback goes to the private log.
-    """
-
-    def __init__(self, log: logging.Logger) -> None:
-        self._log = log
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-        method = handler_call_details.method
-        log = self._log
-
-        def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            try:
-                return inner(request, context)
-            except KmstnError as exc:
-                if exc.cause:
-                    log.info("rpc failed", extra={"rpc": method, "error_code": exc.code.name,
-                                                  "cause": exc.cause})
-                metadata = [(ERROR_CODE_METADATA_KEY, exc.code.name)]
-                if exc.reason:
-                    metadata.append((ERROR_REASON_METADATA_KEY, exc.reason))
-                context.set_trailing_metadata(tuple(metadata))
-                context.abort(exc.code.grpc_status, exc.public)
-            except Exception:
-                # Servicers raise KmstnError and never call context.abort
-                # themselves, so anything else here is a bug.
-                log.exception("rpc crashed", extra={"rpc": method})
-                context.set_trailing_metadata(
-                    ((ERROR_CODE_METADATA_KEY, ErrorCode.INTERNAL.name),)
-                )
-                context.abort(grpc.StatusCode.INTERNAL, "internal error")
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return getattr(rpcerrors, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

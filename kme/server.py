@@ -45,7 +45,8 @@ from kme.config import (
     load_node_config,
     load_or_exit,
 )
-from kme.errors import ErrorCode, ErrorInterceptor, KmstnError
+from kme.errors import ErrorCode, KmstnError
+from kme.rpcerrors import ErrorInterceptor
 
 __all__ = ["ObservingInterceptor", "Runtime", "parse_args", "run_service", "server_credentials",
            "start_metrics"]

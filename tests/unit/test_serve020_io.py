@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from OpenSSL import SSL
 
-from gateway.edge import PyOpenSslTls, WantRead
+from gateway.edgetls import WantRead
+from gateway.edgetls_openssl import PyOpenSslTls
 
 
 class FakeConn:
