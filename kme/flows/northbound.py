@@ -84,7 +84,7 @@ def source_of(config: NodeConfig, routes: Routes, dests: Sequence[NodeId]) -> So
 
 def limits_for(config: NodeConfig, routes: Routes, slave: str) -> tuple[KeyLimits, int]:
     """ETSI 014 limits for keys meant for ``slave``, and max_key_count."""
-    source = source_of(config, routes, [config.topology.node_of_sae(slave)])
+    source = source_of(config, routes, [routes.node_of_sae(slave)])
     if source.link is None:
         size = config.topology.key_size
         return (KeyLimits(size, min(64, size), max(1024, size), CSPRNG_MAX_PER_REQUEST,
@@ -233,16 +233,31 @@ class Northbound:
 
 
 def dec_keys(config: NodeConfig, take: Callable[[str, str, list[uuid.UUID], int], list[Key]],
-             slave: str, master: str, key_ids: Sequence[uuid.UUID]) -> list[Key]:
+             slave: str, master: str, key_ids: Sequence[uuid.UUID],
+             routes: Routes | None = None) -> list[Key]:
     """Get key with key IDs (ETSI 014 clause 5.3): once, only for a named slave.
 
     ``take`` is the keyvault's take-once (KeyVaultClient.take); the 014 gateway
-    calls this with it directly, no relay in between.
+    calls this with it directly, no relay in between. ``routes`` knows the
+    SAEs of other nodes (learned from link state); without it, the node
+    file's.
     """
     own_sae(config, slave)
-    if master not in config.topology.saes:
+    if not _known_sae(config, routes, master):
         raise KmstnError(ErrorCode.KEY_NOT_FOUND, "unknown master")
     gateway = config.gateway
     # Concurrent mode: a key may still be on its way; wait for it a little.
     wait = gateway.inflight_wait_ms if gateway.delivery == "concurrent" else 0
     return take(slave, master, list(key_ids), wait)
+
+
+def _known_sae(config: NodeConfig, routes: Routes | None, sae: str) -> bool:
+    if routes is None:
+        return sae in config.topology.saes
+    try:
+        routes.node_of_sae(sae)
+    except KmstnError as exc:
+        if exc.code is not ErrorCode.UNKNOWN_SAE:
+            raise
+        return False
+    return True
