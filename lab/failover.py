@@ -107,11 +107,17 @@ def run_failover(fed: Federation, manifest: dict[str, Any], topology: Topology, 
                  timeout: float = 120.0) -> FailoverRun:
     """One run: keys flowing, the link's devices killed, keys flowing again; devices back."""
     src = topology.saes[master]  # type: ignore[index]
+    ends = {topology.link(link).a, topology.link(link).b}
+    # A link that was just back up is announced up only after the hold-down
+    # (no flapping): wait for the route to use it again before failing it.
+    deadline = time.monotonic() + timeout
     before = _route(fed, src, slave)
-    if not any({a, b} == {topology.link(link).a, topology.link(link).b}
-               for a, b in itertools.pairwise(before)):
-        raise SystemExit(f"{link} is not on the path {'-'.join(before)} from {master} to "
-                         f"{slave}: nothing to fail over from")
+    while not any({a, b} == ends for a, b in itertools.pairwise(before)):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{link} is not on the path {'-'.join(before)} from {master} "
+                             f"to {slave}: nothing to fail over from")
+        time.sleep(0.2)
+        before = _route(fed, src, slave)
     got: list[_Got] = []
     refused = [0]
     stop = threading.Event()
