@@ -109,6 +109,8 @@ class Database:
         self._claims: dict[str, _Claims] = {}
         self._known: dict[str, LearnedLink] = {}
         self._adjacent: dict[NodeId, set[NodeId]] = {}
+        # Usable links per pair of nodes (a pair may have a QKD and a PQC link).
+        self._pairs: dict[frozenset[NodeId], int] = {}
         self._refusals: deque[Refusal] = deque(maxlen=refusals_kept)
         self._digest: str | None = None
         self._lock = threading.RLock()
@@ -203,6 +205,7 @@ class Database:
             self._claims = {k: _Claims(dict(v.by_node)) for k, v in other._claims.items()}
             self._known = dict(other._known)
             self._adjacent = {k: set(v) for k, v in other._adjacent.items()}
+            self._pairs = dict(other._pairs)
             self._digest = None
             self.version += 1
 
@@ -284,13 +287,20 @@ class Database:
         if now is not None:
             self._known[link_id] = now
             if now.up:
+                pair = frozenset((now.a, now.b))
+                self._pairs[pair] = self._pairs.get(pair, 0) + 1
                 self._adjacent.setdefault(now.a, set()).add(now.b)
                 self._adjacent.setdefault(now.b, set()).add(now.a)
 
     def _unlink(self, a: NodeId, b: NodeId) -> None:
-        # Another usable link may still join the pair (a QKD link and a PQC one).
-        if any(link.up and {link.a, link.b} == {a, b} for link in self._known.values()):
+        # Another usable link may still join the pair (a QKD link and a PQC one):
+        # the pair stays adjacent until its last usable link goes.
+        pair = frozenset((a, b))
+        left = self._pairs.get(pair, 0) - 1
+        if left > 0:
+            self._pairs[pair] = left
             return
+        self._pairs.pop(pair, None)
         self._adjacent.get(a, set()).discard(b)
         self._adjacent.get(b, set()).discard(a)
 

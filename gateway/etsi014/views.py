@@ -33,7 +33,7 @@ def _edge() -> Edge:
 
 def _caller(edge: Edge) -> str:
     sae = caller_identity(request.environ)
-    own_sae(edge.config, sae)
+    own_sae(edge.config, sae, edge.routes)
     return sae
 
 

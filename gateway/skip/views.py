@@ -62,7 +62,7 @@ def _edge() -> Edge:
 
 def _caller(flows: Edge) -> str:
     sae = caller_identity(request.environ)
-    own_sae(flows.config, sae)
+    own_sae(flows.config, sae, flows.routes)
     return sae
 
 

@@ -94,9 +94,15 @@ def limits_for(config: NodeConfig, routes: Routes, slave: str) -> tuple[KeyLimit
                       link.max_key_per_request, MAX_SAE_ID_COUNT), link.max_key_count)
 
 
-def own_sae(config: NodeConfig, sae: str) -> None:
-    """Refuse (401) an SAE that this node does not serve."""
+def own_sae(config: NodeConfig, sae: str, routes: Routes | None = None) -> None:
+    """Refuse (401) an SAE that this node does not serve.
+
+    A per-node file names only this node's SAEs; ``routes`` knows where the
+    others are (learned from link state), for a clearer refusal.
+    """
     node = config.topology.saes.get(sae)  # type: ignore[call-overload]
+    if node is None and routes is not None and _known_sae(config, routes, sae):
+        node = routes.node_of_sae(sae)
     if node is None:
         raise KmstnError(ErrorCode.UNAUTHENTICATED, f"SAE {sae!r} is not in the topology")
     if node != config.node_id:
@@ -141,7 +147,7 @@ class Northbound:
         exceeds ``max_key_count`` (clause 4.1: the most it can reach).
         """
         config = self._ctx.config
-        own_sae(config, master)
+        own_sae(config, master, self._ctx.routes)
         dest = self._ctx.node_of(slave)
         if slave == master:
             raise KmstnError(ErrorCode.INVALID_ARGUMENT,
@@ -200,7 +206,7 @@ class Northbound:
                  ) -> list[Key]:
         """Get key (ETSI 014 clause 5.2) for a master served here, toward every slave."""
         ctx = self._ctx
-        own_sae(ctx.config, master)
+        own_sae(ctx.config, master, ctx.routes)
         by_dest: dict[NodeId, list[str]] = defaultdict(list)
         for t in slaves:
             by_dest[ctx.node_of(t)].append(t)
@@ -242,7 +248,7 @@ def dec_keys(config: NodeConfig, take: Callable[[str, str, list[uuid.UUID], int]
     SAEs of other nodes (learned from link state); without it, the node
     file's.
     """
-    own_sae(config, slave)
+    own_sae(config, slave, routes)
     if not _known_sae(config, routes, master):
         raise KmstnError(ErrorCode.KEY_NOT_FOUND, "unknown master")
     gateway = config.gateway
