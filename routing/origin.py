@@ -149,6 +149,9 @@ class Originator:
         s = self._state.get(link_id)
         if s is None:
             return False
+        if up and s.forced_down:
+            # The operator's own hold ends: no hold-down, that was no fault.
+            s.ever_down = False
         s.forced_down = not up
         if cost is not None:
             s.cost_override = float(cost)

@@ -386,6 +386,10 @@ def test_down_at_once_up_after_a_hold_and_operator_holds() -> None:
     assert _announced(o, t)["P"] == (False, 3.0, "neighbour silent")
     assert o.override("Q", False, None)
     assert _announced(o, t)["Q"] == (False, 1.0, "operator")
+    # The operator's hold lifted: up at once (the down was no fault to damp).
+    assert o.override("Q", True, None)
+    assert o.due(t)
+    assert _announced(o, t)["Q"] == (True, 1.0, "")
     assert not o.override("nope", False, None)
 
 
