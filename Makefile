@@ -6,13 +6,24 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo deps venv lint type protos unit integration bench clean
+.PHONY: test demo demo-mesh deps venv lint type protos unit integration bench simulate clean
 
 test: deps venv lint type protos
 	$(BIN)/pytest
 
 demo: deps venv
 	$(BIN)/python -m lab.demo --topology examples/testbed.toml --state state/demo
+
+# The mesh (examples/mesh.toml) from per-node files: keys while a QKD link's
+# devices are killed, and the time from the fault to the first key over the
+# new path.
+demo-mesh: deps venv
+	$(BIN)/python -m lab.demo --topology examples/mesh.toml --state state/demo-mesh \
+		--fail-link QKD-W1-W2 --repeat 2
+
+# Link state at scale: 1,000 simulated nodes of the real link-state code.
+simulate: venv
+	$(BIN)/python -m routing.simulate --nodes 1000
 
 deps:
 	@./deploy/debian-deps.sh

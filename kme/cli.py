@@ -1,9 +1,17 @@
 """``kmstn``: the node operator's commands (configuration, routes, links).
 
     kmstn config check --node node.toml | --topology topology.toml
-    kmstn route --config node.toml SAE_ID        where would a key for SAE_ID go
+    kmstn config split --topology topology.toml --out DIR   one node file per KMSTN
+    kmstn route --config node.toml SAE_ID        where a key for SAE_ID goes, and why
     kmstn link --config node.toml LINK up|down [--cost C]
-    kmstn topology --config node.toml            links and their state, as JSON
+    kmstn topology --config node.toml            the graph this node learned, as JSON
+
+``route`` prints the path with each hop's cost terms (what each end of the
+link announced: configured cost, configured and measured key rate, key
+stock). ``topology`` prints what routing uses (every link, up or down, and
+who holds it down) and, on a node with link state, every record it holds
+(origin, sequence, age, signature status, where it came from, its links)
+and the records it refused lately (who sent them, and why).
 
 These are what an operator runs on a production node. :func:`register` adds
 them to any ``kmstn`` parser: ``lab.cli`` builds the full ``kmstn`` command
@@ -19,11 +27,15 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import TypeAlias
+from pathlib import Path
+from typing import Any, TypeAlias
 
+from kme.acks import kind_from_proto
 from kme.channels import internal_channel
 from kme.config import EX_CONFIG, ConfigError, NodeConfig, load_node_config, load_topology
+from kme.config.split import dump_toml, split_topology_file
 from kme.errors import KmstnError
+from kme.rpc.v1 import linkstate_pb2, routing_pb2
 from routing.client import RoutingClient
 
 __all__ = ["Subcommands", "main", "register", "run"]
@@ -39,8 +51,13 @@ def _routing(config: NodeConfig) -> RoutingClient:
 def cmd_config_check(args: argparse.Namespace) -> int:
     if args.node:
         cfg = load_node_config(args.node)
-        print(f"{cfg.source}: valid node file for {cfg.node_id} "
-              f"(topology {cfg.topology.source}: {len(cfg.topology.kmstns)} KMSTNs)")
+        if cfg.topology.source == cfg.source:
+            print(f"{cfg.source}: valid node file for {cfg.node_id} ({len(cfg.topology.kmstns) - 1}"
+                  f" neighbours, {len(list(cfg.topology.links_of(cfg.node_id)))} links, "
+                  f"link state {'on' if cfg.linkstate else 'off'})")
+        else:
+            print(f"{cfg.source}: valid node file for {cfg.node_id} "
+                  f"(topology {cfg.topology.source}: {len(cfg.topology.kmstns)} KMSTNs)")
     else:
         topo = load_topology(args.topology)
         print(f"{topo.source}: valid topology {topo.name!r}: {len(topo.kmstns)} KMSTNs, "
@@ -48,15 +65,53 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_split(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for node, tables in split_topology_file(Path(args.topology)).items():
+        doc = {"node": node, "data_dir": f"data/{node}", **tables,
+               "tls": {"ca": "certs/ca.pem", "cert": f"certs/{node}.pem",
+                       "key": f"certs/{node}.key"},
+               "linkstate": {"key": f"linkstate/{node}.key", "cert": f"linkstate/{node}.pem",
+                             "ca": "linkstate/ca.pem"}}
+        path = out / f"{node}.toml"
+        path.write_text(dump_toml(doc, header=(
+            f"Node file of {node}, split from {args.topology}: this node, its neighbours, "
+            "its links\nand its SAEs. Put its certificates where [tls] and [linkstate] say.")))
+        print(path)
+    return 0
+
+
+def _announced(link: linkstate_pb2.AnnouncedLink) -> dict[str, Any]:
+    out: dict[str, Any] = {"link": link.link_id, "to": link.neighbour_node_id,
+                           "kind": kind_from_proto(link.kind), "up": link.up,
+                           "cost": link.cost, "configured_cost": link.configured_cost}
+    if out["kind"] == "qkd":
+        out.update(nominal_rate_bps=link.nominal_rate_bps,
+                   measured_rate_bps=link.measured_rate_bps or None,
+                   stored_keys=link.stored_keys, max_keys=link.max_keys)
+    if not link.up:
+        out["down_reason"] = link.down_reason
+    return out
+
+
+def _hop(h: routing_pb2.Hop) -> dict[str, Any]:
+    out: dict[str, Any] = {"from": h.from_node_id, "to": h.to_node_id, "link": h.link_id,
+                           "kind": kind_from_proto(h.kind), "cost": h.cost}
+    if h.ends:
+        # The cost is the lower of what the two ends announce (routing.lsdb).
+        out["announced_by"] = {e.node_id: _announced(e.link) for e in h.ends}
+    return out
+
+
 def cmd_route(args: argparse.Namespace) -> int:
-    route = _routing(load_node_config(args.config)).route_to_sae(args.sae)
+    route = _routing(load_node_config(args.config)).route(args.sae)
     print(json.dumps({
-        "destination": route.destination,
+        "destination": route.destination_node_id,
         "path": list(route.path),
-        "hops": [{"from": h.from_node, "to": h.to_node, "link": h.link_id, "kind": h.kind,
-                  "cost": h.cost} for h in route.hops],
+        "hops": [_hop(h) for h in route.hops],
         "total_cost": route.total_cost,
-        "topology_version": route.version,
+        "topology_version": route.topology_version,
     }, indent=2))
     return 0
 
@@ -69,13 +124,32 @@ def cmd_link(args: argparse.Namespace) -> int:
 
 
 def cmd_topology(args: argparse.Namespace) -> int:
-    snap = _routing(load_node_config(args.config)).topology()
-    print(json.dumps({
-        "self": snap.self_node_id,
-        "version": snap.version,
+    view = _routing(load_node_config(args.config)).link_state_database()
+    out: dict[str, Any] = {
+        "self": view.self_node_id,
+        "mode": view.mode,
+        "version": view.version,
         "links": [{"id": link.link_id, "a": link.a_node_id, "b": link.b_node_id,
-                   "up": link.up, "cost": link.cost} for link in snap.links],
-    }, indent=2))
+                   "kind": kind_from_proto(link.kind), "up": link.up, "cost": link.cost,
+                   **({"overridden": True} if link.overridden else {})}
+                  for link in view.links],
+    }
+    if view.mode == "learned":
+        out["digest"] = view.digest
+        out["records"] = [{
+            "origin": e.record.origin_node_id, "sequence": e.record.sequence,
+            "age_s": round(e.age_seconds, 1), "signature": e.signature,
+            "received_from": e.received_from or "(own)",
+            "saes": list(e.record.sae_ids),
+            "links": [_announced(link) for link in e.record.links],
+            **({"foreign": {f.node_id: list(f.sae_ids) for f in e.record.foreign}}
+               if e.record.foreign else {}),
+        } for e in view.entries]
+        out["refused"] = [{"from": r.from_node_id, "origin": r.origin_node_id,
+                           "sequence": r.sequence, "reason": r.reason,
+                           "seconds_ago": round(r.seconds_ago, 1), "count": r.count}
+                          for r in view.refused]
+    print(json.dumps(out, indent=2))
     return 0
 
 
@@ -87,6 +161,10 @@ def add_config(sub: Subcommands) -> None:
     which.add_argument("--node")
     which.add_argument("--topology")
     check.set_defaults(func=cmd_config_check)
+    split = cfg_sub.add_parser("split", help="cut a topology file into one node file per KMSTN")
+    split.add_argument("--topology", required=True)
+    split.add_argument("--out", required=True, help="directory for <node>.toml files")
+    split.set_defaults(func=cmd_config_split)
 
 
 def add_route(sub: Subcommands) -> None:
@@ -106,7 +184,7 @@ def add_link(sub: Subcommands) -> None:
 
 
 def add_topology(sub: Subcommands) -> None:
-    topo = sub.add_parser("topology", help="this node's view of the links")
+    topo = sub.add_parser("topology", help="the graph this node learned, with every record")
     topo.add_argument("--config", required=True)
     topo.set_defaults(func=cmd_topology)
 

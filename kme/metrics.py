@@ -80,6 +80,7 @@ __all__ = [
     "REGISTRY",
     "RELAY_HOPS",
     "RELAY_HOP_SECONDS",
+    "DeviceObservation",
     "DevicePoller",
     "MetricsServer",
     "count_key_bits",
@@ -421,13 +422,24 @@ class _StatusSource(Protocol):
     def status(self) -> Any: ...
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceObservation:
+    """The last poll of one device: did it answer, what rate, how much key stored."""
+
+    reachable: bool
+    rate_bps: float | None  # None: fewer than two answers in the window yet
+    stored_keys: int
+    max_keys: int
+
+
 class DevicePoller:
     """Polls each QKD device's status, sets pool level and measured key rate.
 
     The rate over the last ``window_s``: (stored bits now - stored bits then
     + key bits this process took meanwhile) / elapsed time. kme.qkd counts
     the bits taken (DEVICE_KEY_BITS) and this reads them back, so nothing
-    else has to tell the poller about draws.
+    else has to tell the poller about draws. :meth:`observations` gives the
+    last poll of each device to the relay's link state (relay/linkstate.py).
     """
 
     def __init__(self, devices: Sequence[_StatusSource], interval_s: float,
@@ -442,7 +454,12 @@ class DevicePoller:
         self._samples: dict[str, collections.deque[tuple[float, float]]] = {
             d.link_id: collections.deque() for d in self._devices}
         self._failing: set[str] = set()
+        self._seen: dict[str, DeviceObservation] = {}
         self._thread = threading.Thread(target=self._run, name="metrics-devices", daemon=True)
+
+    def observations(self) -> dict[str, DeviceObservation]:
+        """Per link, the device's last poll (links not polled yet are absent)."""
+        return dict(self._seen)
 
     def start(self) -> None:
         if self._devices and self._interval > 0:
@@ -463,6 +480,9 @@ class DevicePoller:
                     self._log.warning("device status failed", extra={
                         "link_id": link, "error": getattr(exc, "public", type(exc).__name__)})
                     self._failing.add(link)
+                old = self._seen.get(link)
+                self._seen[link] = DeviceObservation(False, None, old.stored_keys if old else 0,
+                                                     old.max_keys if old else 0)
                 continue
             self._failing.discard(link)
             DEVICE_STORED_KEYS.labels(link).set(st.stored_key_count)
@@ -474,9 +494,13 @@ class DevicePoller:
             samples.append((now, inflow))
             while len(samples) > 2 and now - samples[1][0] >= self._window:
                 samples.popleft()
+            rate = None
             if len(samples) >= 2 and now > samples[0][0]:
                 t0, v0 = samples[0]
-                DEVICE_KEY_RATE.labels(link).set(max(0.0, (inflow - v0) / (now - t0)))
+                rate = max(0.0, (inflow - v0) / (now - t0))
+                DEVICE_KEY_RATE.labels(link).set(rate)
+            self._seen[link] = DeviceObservation(True, rate, int(st.stored_key_count),
+                                                 int(st.max_key_count))
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -4,16 +4,28 @@
 topology, its routing, keyvault (with its swtpm), relay and both gateway
 processes, each KMSTN on its own loopback address; and for every QKD link its
 emulated device pair (lab.qkdsim). It waits until every service answers its
-health check, then writes ``federation.json`` and returns, leaving the
+health check and every node's routes reach every SAE (link state has
+converged), then writes ``federation.json`` and returns, leaving the
 processes running in their own process groups. If anything fails to start,
 everything started so far is stopped and the error names the service, why,
 and its log file: there is never half a federation left behind.
 
+The topology file is the lab's convenience only: it is split into one
+**per-node file** per KMSTN (kme.config.split), naming that node, its
+neighbours, its links and its SAEs, nothing further; every node process is
+started from its node file alone and learns the rest of the federation from
+signed link state (its ``[linkstate]`` key and certificate come from the
+lab's ML-DSA-65 link-state CA). The emulators read their link from the node
+file of the link's first end. Lab tools (the manifest, the dashboard, the
+benchmarks) still read the topology, as an operator who sees the whole lab.
+
 State directory::
 
-    pki/            throwaway CA and one certificate per KMSTN, device KME and SAE
-    topology.toml   the topology the federation runs
-    nodes/<id>/     node.toml and data/ (keyvault database, sealed key, swtpm state)
+    pki/            throwaway CA and one certificate per KMSTN, device KME and SAE;
+                    pki/linkstate/: the link-state CA and each KMSTN's ML-DSA-65 key
+    topology.toml   the topology the lab was built from (lab tools only)
+    nodes/<id>/     node.toml (per-node) and data/ (keyvault database, sealed key,
+                    swtpm state)
     run/<id>/       the node's unix sockets (short paths)
     sim/<link>.toml emulator configuration of each QKD link
     logs/           one log per process (JSON lines)
@@ -43,6 +55,7 @@ from typing import Any, Final, Literal
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kme.channels import internal_channel
 from kme.config import (
     DEFAULT_METRICS_PORTS,
     NodeConfig,
@@ -52,9 +65,13 @@ from kme.config import (
     load_node_config,
     load_topology,
 )
+from kme.config.reader import read_toml
+from kme.config.split import dump_toml, neighbourhoods
+from kme.errors import KmstnError
 from kme.pqtls import PeerHttpClient
-from lab.pki import CertificateAuthority, Issued, issue_for_topology
+from lab.pki import CertificateAuthority, Issued, LinkStateAuthority, issue_for_topology
 from lab.qkdsim.config import sim_healthy, write_sim_config
+from routing.client import RoutingClient
 
 __all__ = ["Federation", "FederationError", "ServiceSpec", "group_alive", "group_members"]
 
@@ -77,28 +94,6 @@ class ServiceSpec:
     argv: list[str]
     log: Path
     healthy: Callable[[], bool]
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, Path):
-        value = str(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string is a JSON string
-    raise TypeError(type(value))
-
-
-def _write_toml(path: Path, top: dict[str, Any], tables: dict[str, dict[str, Any]]) -> Path:
-    lines = [f"{k} = {_toml(v)}" for k, v in top.items()]
-    for name, table in tables.items():
-        lines.append(f"\n[{name}]")
-        lines += [f"{k} = {_toml(v)}" for k, v in table.items()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def _grpc_healthy(target: str) -> bool:
@@ -136,13 +131,16 @@ def _https_healthy(host: str, port: int, ca: Path, cert: Issued, path: str = "/h
 
 class Federation:
     def __init__(self, topology_path: Path, state_dir: Path, delivery: str = "confirmed",
-                 log_level: str = "info", qkd_rate_scale: float = 1.0) -> None:
+                 log_level: str = "info", qkd_rate_scale: float = 1.0,
+                 linkstate: dict[str, Any] | None = None) -> None:
         self.state = state_dir.resolve()
         self.source_topology = topology_path.resolve()
         self.delivery = delivery
         self.log_level = log_level
         # Multiplies every emulated QKD link's key rate (1 = the topology's rates).
         self.qkd_rate_scale = qkd_rate_scale
+        # Extra [linkstate] settings for every node file (timers).
+        self.linkstate = dict(linkstate or {})
 
     # -- paths ---------------------------------------------------------------------
 
@@ -172,16 +170,18 @@ class Federation:
         ca = (CertificateAuthority.load(pki_dir) if (pki_dir / "ca.pem").exists()
               else CertificateAuthority.create(pki_dir))
         certs = issue_for_topology(ca, topology, pki_dir / "certs")
+        signing = LinkStateAuthority.load_or_create(pki_dir / "linkstate")
+        tables = neighbourhoods(read_toml(self.topology_path))
         for node in topology.kmstns.values():
             if node.kind != "kmstn":
                 continue
             run = self.state / "run" / node.id
             run.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _write_toml(self.node_file(node.id), {
+            key = signing.issue(node.id)
+            doc: dict[str, Any] = {
                 "node": node.id,
-                "topology": self.topology_path,
                 "data_dir": self.state / "nodes" / node.id / "data",
-            }, {
+                **tables[node.id],
                 "tls": {"ca": ca.cert_path, "cert": certs[node.id].cert,
                         "key": certs[node.id].key},
                 "services": {s: f"unix:{run / (s + '.sock')}" for s in GRPC_SERVICES},
@@ -191,7 +191,15 @@ class Federation:
                 # Ephemeral metrics ports (several labs may share 127.0.0.x);
                 # the launcher reads each one from its log into federation.json.
                 "metrics": {f"{s}_port": 0 for s in DEFAULT_METRICS_PORTS},
-            })
+                "linkstate": {"key": key.key, "cert": key.cert, "ca": signing.cert_path,
+                              **self.linkstate},
+            }
+            path = self.node_file(node.id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(dump_toml(doc, header=(
+                f"Node file of {node.id}, cut from {self.source_topology.name} by the lab "
+                "launcher:\nthis node, its neighbours, its links and its SAEs; the rest is "
+                "learned\nfrom signed link state.")))
         for link in topology.qkd_links:
             self._write_sim_config(link, ca, certs)
         return topology, certs, ca
@@ -201,7 +209,8 @@ class Federation:
         if link.alice is None or link.bob is None:
             raise FederationError(link.id, "a QKD link needs both device endpoints")
         return write_sim_config(
-            self.state / "sim" / f"{link.id}.toml", topology=self.topology_path, link=link.id,
+            self.state / "sim" / f"{link.id}.toml", node_file=self.node_file(link.a),
+            link=link.id,
             ca=ca.cert_path, alice=certs[link.alice.kme_id], bob=certs[link.bob.kme_id],
             log_level=self.log_level, rate_scale=self.qkd_rate_scale)
 
@@ -277,6 +286,10 @@ class Federation:
                 self._wait_healthy(wave, procs, timeout)
                 say(f"started {len(wave)} services: "
                     + ", ".join(sorted({s.name.split('/')[1] for s in wave})))
+            started = time.monotonic()
+            self.wait_converged(topology, timeout)
+            say(f"link state converged: every node routes to every SAE "
+                f"({time.monotonic() - started:.1f} s)")
         except BaseException:
             self._stop(pids)
             self.pids_path.unlink(missing_ok=True)
@@ -300,8 +313,25 @@ class Federation:
         """Stop one running service (SIGTERM, or SIGKILL with ``kill``) and start it again.
 
         For labs and tests of recovery: the rest of the federation keeps
-        running. Returns once the new process answers its health check.
+        running. Returns once the new process answers its health check and
+        link state has converged again (every node routes to every SAE).
         """
+        self.stop_service(name, kill=kill)
+        self.start_service(name, timeout=timeout)
+
+    def stop_service(self, name: str, *, kill: bool = False) -> None:
+        """Stop one running service (SIGTERM, or SIGKILL with ``kill``); labs inject faults so."""
+        pids = self._load_pids()
+        if name not in pids:
+            raise FederationError(name, "no such service here; known: " + ", ".join(pids))
+        if kill:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pids[name]["pgid"], signal.SIGKILL)
+        if self._stop({name: pids[name]}):
+            raise FederationError(name, "would not stop")
+
+    def start_service(self, name: str, *, timeout: float = 60.0, converge: bool = True) -> None:
+        """Start a stopped service again; with ``converge``, wait for link state as well."""
         pids = self._load_pids()
         if name not in pids:
             raise FederationError(name, "no such service here; known: " + ", ".join(pids))
@@ -310,11 +340,6 @@ class Federation:
         certs = issue_for_topology(ca, topology, self.state / "pki" / "certs")
         spec = next(s for wave in self.services(topology, certs, ca) for s in wave
                     if s.name == name)
-        if kill:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pids[name]["pgid"], signal.SIGKILL)
-        if self._stop({name: pids[name]}):
-            raise FederationError(name, "would not stop")
         proc = self._spawn(spec)
         pids[name] = {"pid": proc.pid, "pgid": proc.pid, "log": str(spec.log),
                       "argv": spec.argv}
@@ -324,6 +349,57 @@ class Federation:
             manifest = json.loads(self.manifest_path.read_text())
             manifest["metrics"] = self._metrics_urls(pids)
             self.manifest_path.write_text(json.dumps(manifest, indent=2))
+        if converge:
+            self.wait_converged(topology, timeout)
+
+    # -- link state ------------------------------------------------------------------
+
+    def converged(self, topology: Topology) -> tuple[bool, str]:
+        """Whether every node routes to every SAE of the lab and all databases agree.
+
+        Asks each node's routing service (Routing.Route for every SAE of
+        another node, and the database digest). A lab knows the whole
+        topology; the nodes do not, so this is the lab checking what they
+        learned.
+        """
+        digests: set[str] = set()
+        for node, k in topology.kmstns.items():
+            if k.kind != "kmstn":
+                continue
+            cfg = load_node_config(self.node_file(node))
+            channel = internal_channel(cfg, "routing")
+            try:
+                client = RoutingClient(channel, timeout=2.0)
+                digests.add(client.link_state_database().digest)
+                for sae, at in topology.saes.items():
+                    if at != node:
+                        client.route_to_sae(sae)
+            except KmstnError as exc:
+                return False, f"{node}: {exc.public}"
+            finally:
+                channel.close()
+        if len(digests) > 1:
+            return False, f"link-state databases differ ({len(digests)} digests)"
+        return True, ""
+
+    def wait_converged(self, topology: Topology, timeout: float = 60.0,
+                       settle_s: float = 1.0) -> None:
+        """Wait until :meth:`converged` holds twice, ``settle_s`` apart (a fault just
+        injected has had time to be seen); FederationError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        first: float | None = None
+        why = ""
+        while time.monotonic() < deadline:
+            ok, why = self.converged(topology)
+            now = time.monotonic()
+            if not ok:
+                first = None
+            elif first is None:
+                first = now
+            elif now - first >= settle_s:
+                return
+            time.sleep(0.2)
+        raise FederationError("link state", f"not converged after {timeout:.0f} s: {why}")
 
     @staticmethod
     def _metrics_urls(pids: dict[str, dict[str, Any]]) -> dict[str, str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kme.channels import internal_channel
-from kme.config import QkdLink
+from kme.config import QkdLink, load_topology
 from kme.errors import KmstnError
 from kme.qkd import QkdDeviceClient
 from lab.federation import Federation
@@ -32,7 +32,8 @@ def render_status(fed: Federation) -> str:
     parts = [_table(["KMSTN", *SERVICES], rows)]
 
     link_rows = []
-    topology = next(iter(configs.values())).topology
+    # The lab's whole picture: each node's own file holds only its neighbourhood.
+    topology = load_topology(fed.topology_path)
     states: dict[str, str] = {}
     for link in topology.links:
         cfg = configs.get(link.a) or configs.get(link.b)

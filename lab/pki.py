@@ -8,6 +8,10 @@ the listener's IP address (or DNS name) as a subjectAltName.
 Real deployments bring their own PKI: point the node file's ``[tls]`` at
 certificates whose CN is the node ID, issued by a CA every peer trusts.
 Keys are ECDSA P-256 (fast handshakes) and written with mode 0600.
+
+Link state has its own authority (:class:`LinkStateAuthority`): an ML-DSA-65
+CA that issues each KMSTN an ML-DSA-65 certificate (CN = node ID) for signing
+its link-state records, so nothing classical authenticates link state.
 """
 
 from __future__ import annotations
@@ -20,12 +24,12 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, mldsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kme.config import Topology
 
-__all__ = ["CertificateAuthority", "Issued", "issue_for_topology"]
+__all__ = ["CertificateAuthority", "Issued", "LinkStateAuthority", "issue_for_topology"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +38,7 @@ class Issued:
     key: Path
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | mldsa.MLDSA65PrivateKey) -> None:
     data = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -183,3 +187,85 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+class LinkStateAuthority:
+    """The federation's link-state CA: ML-DSA-65 keys and signatures throughout.
+
+    Kept as ``ca.pem`` / ``ca.key`` in its own directory; issues
+    ``<node>.pem`` / ``<node>.key`` (ML-DSA-65, PKCS#8, mode 0600), CN = node ID,
+    digital signature only. Existing files are kept, so issuing twice issues
+    nothing new.
+    """
+
+    def __init__(self, directory: Path, cert: x509.Certificate,
+                 key: mldsa.MLDSA65PrivateKey) -> None:
+        self.directory = directory
+        self.cert = cert
+        self._key = key
+
+    @property
+    def cert_path(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @classmethod
+    def create(cls, directory: Path, name: str = "kmstn link-state CA",
+               days: int = 365) -> LinkStateAuthority:
+        directory.mkdir(parents=True, exist_ok=True)
+        key = mldsa.MLDSA65PrivateKey.generate()
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(key, None)
+        )
+        (directory / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(directory / "ca.key", key)
+        return cls(directory, cert, key)
+
+    @classmethod
+    def load_or_create(cls, directory: Path) -> LinkStateAuthority:
+        if not (directory / "ca.pem").exists():
+            return cls.create(directory)
+        cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+        key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+        if not isinstance(key, mldsa.MLDSA65PrivateKey):
+            raise ValueError(f"{directory / 'ca.key'} is not an ML-DSA-65 key")
+        return cls(directory, cert, key)
+
+    def issue(self, node: str, days: int = 365) -> Issued:
+        """``node``'s link-state certificate and key (kept if already issued)."""
+        stem = _safe_filename(node)
+        cert_path, key_path = self.directory / f"{stem}.pem", self.directory / f"{stem}.key"
+        if cert_path.exists() and key_path.exists():
+            return Issued(cert_path, key_path)
+        key = mldsa.MLDSA65PrivateKey.generate()
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
+                              content_commitment=False, key_encipherment=False,
+                              data_encipherment=False, key_agreement=False,
+                              encipher_only=False, decipher_only=False),
+                critical=True,
+            )
+            .sign(self._key, None)
+        )
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(key_path, key)
+        return Issued(cert_path, key_path)

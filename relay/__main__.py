@@ -5,9 +5,11 @@ The relay owns every hop of this node. Two listeners: the internal
 default), which the node's two gateways call once per request; and the
 neighbour-facing ``kme.rpc.v1.RelayPeer`` service on TCP ``host:relay_port``
 from the topology, with mutual TLS using the node certificate, for the
-ML-KEM-768 exchange with adjacent relays. The key negotiation (kme.flows)
-runs here, over the keyvault, routing, the QKD devices and the neighbours'
-020 listeners.
+ML-KEM-768 exchange with adjacent relays, and, on a node with signed link
+state, hellos, flooding and syncs of link-state records (relay/linkstate.py),
+which it hands to the node's routing service. The key negotiation
+(kme.flows) runs here, over the keyvault, routing, the QKD devices and the
+neighbours' 020 listeners.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from kme.server import Runtime, run_service
 from relay.hop import Opener, PeerPools, Sealer
 from relay.hopkey import HopLinks
 from relay.kem import SessionStore
-from relay.peer import RelayPeerService
+from relay.linkstate import LinkStateAgent, LinkStatePeerClient
+from relay.peer import RelayPeerService, peer_channel
 from relay.ports import FlowDevices, VaultPort
 from relay.qkdreserve import ReservedQkdKeys
 from relay.service import RelayService
 from relay.transport import Transport
+from routing.client import RoutingClient
 from routing.follower import TableFollower
 
 
@@ -73,8 +77,8 @@ def build(rt: Runtime) -> None:
     relay_pb2_grpc.add_RelayServicer_to_server(
         RelayService(flows, sealer, opener, kmstn_peers, budget, rt.log), rt.server)
     peer_server = rt.add_tcp_server(config.node.host, config.node.relay_port, config.tls)
-    relay_pb2_grpc.add_RelayPeerServicer_to_server(
-        RelayPeerService(links, sessions, rt.log, reserved, devices), peer_server)
+    peer_service = RelayPeerService(links, sessions, rt.log, reserved, devices)
+    relay_pb2_grpc.add_RelayPeerServicer_to_server(peer_service, peer_server)
     for name in ("Relay", "RelayPeer"):
         rt.serving(relay_pb2.DESCRIPTOR.services_by_name[name].full_name)
     rt.on_start(flows.jobs.resume)
@@ -82,13 +86,37 @@ def build(rt: Runtime) -> None:
     rt.on_stop(transport.close)
     rt.on_stop(flows.close)
     rt.on_stop(routes.close)
+    poller = None
     if devices is not None:
         rt.on_stop(devices.close)
-        # Device pool level and measured key rate per QKD link, for the metrics.
+        # Device pool level and measured key rate per QKD link, for the metrics
+        # and, with link state, for each QKD link's state and cost.
+        poll_s = config.metrics.device_poll_s
+        if config.linkstate is not None:
+            own = config.linkstate.device_poll_ms / 1000
+            poll_s = min(poll_s, own) if poll_s > 0 else own
         poller = metrics.DevicePoller([devices.for_link(lid) for lid in devices.links],
-                                      config.metrics.device_poll_s, rt.log)
+                                      poll_s, rt.log)
         poller.start()
         rt.on_stop(poller.stop)
+    if config.linkstate is not None:
+        agent = link_state_agent(config, rt, poller)
+        peer_service.attach_linkstate(agent)
+        rt.on_start(agent.start)
+        rt.on_stop(agent.stop)
+
+
+def link_state_agent(config: NodeConfig, rt: Runtime,
+                     poller: metrics.DevicePoller | None) -> LinkStateAgent:
+    """Hellos, flooding and syncs with the kmstn neighbours, for the routing service."""
+    settings = config.linkstate
+    assert settings is not None  # noqa: S101 - only called with link state
+    timeout = max(1.0, settings.hello_interval_ms / 1000)
+    return LinkStateAgent(
+        config, RoutingClient(internal_channel(config, "routing"), timeout=2.0),
+        lambda peer: LinkStatePeerClient(peer_channel(config, peer), timeout),
+        sorted(HopLinks(config).neighbours),
+        poller.observations if poller is not None else dict, rt.log)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

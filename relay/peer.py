@@ -1,10 +1,13 @@
-"""The neighbour-facing side of the relay: the ML-KEM-768 exchange between adjacent relays.
+"""The neighbour-facing side of the relay: the ML-KEM-768 exchange between adjacent relays,
+and link state (hellos, flooding, sync) between neighbours.
 
 ``RelayPeerService`` (kme.rpc.v1.RelayPeer) is the receiver's side, on TCP
 ``host:relay_port`` with mutual TLS using node certificates; the caller is the
 subject CN of its verified client certificate and must be a kmstn neighbour.
 ``RelayPeerClient`` is the sender's side; build its channel with
-:func:`peer_channel`.
+:func:`peer_channel`. The link-state calls are handed to the relay's
+:class:`relay.linkstate.LinkStateAgent` with the caller's node ID, which is
+what the routing service logs when a record it sent fails verification.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -24,6 +28,9 @@ from relay import kem
 from relay.hopkey import DeviceDirectory, HopLinks
 from relay.kem import OneTimeKey
 from relay.qkdreserve import ReservedQkdKeys
+
+if TYPE_CHECKING:
+    from relay.linkstate import LinkStateAgent
 
 __all__ = ["RelayPeerClient", "RelayPeerService", "caller_node", "peer_channel"]
 
@@ -95,12 +102,45 @@ class RelayPeerService(relay_pb2_grpc.RelayPeerServicer):
 
     def __init__(self, links: HopLinks, sessions: kem.SessionStore,
                  log: logging.Logger | None = None, reserved: ReservedQkdKeys | None = None,
-                 devices: DeviceDirectory | None = None) -> None:
+                 devices: DeviceDirectory | None = None,
+                 linkstate: LinkStateAgent | None = None) -> None:
         self._links = links
         self._sessions = sessions
         self._log = log or logging.getLogger("kmstn.relay")
         self._reserved = reserved
         self._devices = devices
+        self._linkstate = linkstate
+
+    def attach_linkstate(self, agent: LinkStateAgent) -> None:
+        self._linkstate = agent
+
+    def _agent(self) -> LinkStateAgent:
+        if self._linkstate is None:
+            raise KmstnError(ErrorCode.UNAVAILABLE, "this node runs no link state")
+        return self._linkstate
+
+    # -- link state --------------------------------------------------------------------
+
+    def Hello(  # noqa: N802
+        self, request: relay_pb2.HelloRequest, context: grpc.ServicerContext
+    ) -> relay_pb2.HelloResponse:
+        peer = caller_node(context, self._links)
+        return relay_pb2.HelloResponse(digest=self._agent().on_hello(peer, request.digest))
+
+    def Flood(  # noqa: N802
+        self, request: relay_pb2.FloodRequest, context: grpc.ServicerContext
+    ) -> relay_pb2.FloodResponse:
+        peer = caller_node(context, self._links)
+        self._agent().on_flood(peer, list(request.records))
+        return relay_pb2.FloodResponse()
+
+    def SyncLinkState(  # noqa: N802
+        self, request: relay_pb2.SyncLinkStateRequest, context: grpc.ServicerContext
+    ) -> relay_pb2.SyncLinkStateResponse:
+        peer = caller_node(context, self._links)
+        return self._agent().on_sync(peer, list(request.headers))
+
+    # -- the KEM exchange and QKD reservations -------------------------------------------
 
     def ReserveQkdKeys(  # noqa: N802
         self, request: relay_pb2.ReserveQkdKeysRequest, context: grpc.ServicerContext

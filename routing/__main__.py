@@ -1,4 +1,9 @@
-"""``python -m routing --config node.toml``: the routing service process."""
+"""``python -m routing --config node.toml``: the routing service process.
+
+With a ``[linkstate]`` table in the node file, the graph is learned from
+signed link-state records (routing.learned), which this node's relay hands
+in; without it, it is the configured topology.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,17 @@ from kme import metrics
 from kme.rpc.v1 import routing_pb2, routing_pb2_grpc
 from kme.server import Runtime, run_service
 from routing.graph import RoutingTable
+from routing.learned import LearnedRouting, build_engine
 from routing.service import RoutingService
 
 
 def build(rt: Runtime) -> None:
     table = RoutingTable(rt.config.topology, rt.config.node_id)
-    routing_pb2_grpc.add_RoutingServicer_to_server(RoutingService(table, rt.log), rt.server)
+    learned = None
+    if rt.config.linkstate is not None:
+        learned = LearnedRouting(build_engine(rt.config, rt.log), table, rt.log)
+    routing_pb2_grpc.add_RoutingServicer_to_server(RoutingService(table, rt.log, learned),
+                                                   rt.server)
     # Link state is read from the table when scraped, whoever changed it.
     metrics.register_link_state(lambda: [
         metrics.LinkView(s.link.id, s.link.kind, s.link.a, s.link.b, s.up, s.cost)

@@ -124,6 +124,13 @@ class TableFollower:
         except KeyError:
             raise unknown_sae_error(sae) from None
 
+    def known_saes(self) -> dict[SaeId, NodeId]:
+        """Every SAE the routes know (configured, or learned from link state) and its node."""
+        table = self._current()
+        if table is not None:
+            return dict(table.saes)
+        return {SaeId(s.sae_id): NodeId(s.node_id) for s in self._client.topology().saes}
+
     # -- the stream ------------------------------------------------------------
 
     def _current(self) -> ForwardingTable | None:

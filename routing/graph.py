@@ -2,7 +2,12 @@
 
 The graph has one vertex per KMSTN (or foreign KMS) and one weighted edge per
 pair of neighbours: the cheapest link between them that is up (a pair may be
-joined by, say, a QKD link and a PQC fallback). Paths come from
+joined by, say, a QKD link and a PQC fallback). It starts from a topology
+(the configured one) and, on a node with signed link state, is replaced by
+the learned one (:meth:`RoutingTable.learn`, from routing.lsdb) each time the
+link-state database changes. An operator's ``kmstn link`` is kept on top of
+either (:meth:`RoutingTable.set_link_state`): it can hold a link down or
+re-cost it here, never bring up a link its ends announce down. Paths come from
 ``scipy.sparse.csgraph.dijkstra`` with predecessors, computed for one source
 at a time and cached per source until the link state changes. All-pairs is
 never computed: a node only ever needs its own row.
@@ -21,7 +26,8 @@ from __future__ import annotations
 
 import itertools
 import threading
-from dataclasses import replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -30,7 +36,7 @@ from scipy.sparse.csgraph import connected_components, dijkstra
 
 from kme.config import Topology
 from kme.errors import ErrorCode, KmstnError
-from kme.types import NodeId
+from kme.types import NodeId, SaeId
 from routing.table import (
     ForwardingTable,
     Hop,
@@ -39,22 +45,36 @@ from routing.table import (
     TableEntry,
     no_route_error,
     unknown_node_error,
+    unknown_sae_error,
 )
 
-__all__ = ["Hop", "LinkState", "Route", "RoutingTable"]
+__all__ = ["Hop", "LinkState", "Override", "Route", "RoutingTable"]
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """An operator's hold on one link at this node (``kmstn link``)."""
+
+    up: bool
+    cost: float | None
 
 
 class RoutingTable:
-    """The graph of one topology plus the current state of each link."""
+    """The graph (configured, or learned from link state) plus the state of each link."""
 
     def __init__(self, topology: Topology, self_node: NodeId | None = None) -> None:
         self._topology = topology
         self._self = self_node
         self._nodes: list[NodeId] = list(topology.kmstns)
         self._index = {n: i for i, n in enumerate(self._nodes)}
-        self._links: dict[str, LinkState] = {
+        # Link state as configured or learned, and the operator's overrides
+        # over it; _links is the two combined, what routes use.
+        self._base: dict[str, LinkState] = {
             link.id: LinkState(link, True, link.cost) for link in topology.links
         }
+        self._overrides: dict[str, Override] = {}
+        self._links: dict[str, LinkState] = dict(self._base)
+        self._saes: dict[SaeId, NodeId] = dict(topology.saes)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._version = 1
@@ -73,28 +93,91 @@ class RoutingTable:
 
     @property
     def topology(self) -> Topology:
+        """The configured topology (with link state, only this node's neighbourhood)."""
         return self._topology
 
     def links(self) -> tuple[int, list[LinkState]]:
         with self._lock:
             return self._version, list(self._links.values())
 
+    def overrides(self) -> dict[str, Override]:
+        with self._lock:
+            return dict(self._overrides)
+
+    def nodes(self) -> list[NodeId]:
+        with self._lock:
+            return list(self._nodes)
+
+    @property
+    def saes(self) -> dict[SaeId, NodeId]:
+        with self._lock:
+            return dict(self._saes)
+
+    def known_saes(self) -> dict[SaeId, NodeId]:
+        return self.saes
+
+    def node_of_sae(self, sae: str) -> NodeId:
+        with self._lock:
+            try:
+                return self._saes[SaeId(sae)]
+            except KeyError:
+                raise unknown_sae_error(sae) from None
+
     def set_link_state(self, link_id: str, up: bool, cost: float | None = None) -> LinkState:
-        """Take a link down or up, or change its cost; routes change at once."""
+        """Hold a link down (or let it up again), or change its cost; routes change at once.
+
+        The hold stays over configured or learned state until lifted: a link
+        its ends announce down stays down whatever is set here.
+        """
         if cost is not None and not cost > 0:
             raise KmstnError(ErrorCode.INVALID_ARGUMENT, f"link cost must be > 0, got {cost}")
         with self._lock:
-            try:
-                old = self._links[link_id]
-            except KeyError:
-                raise KmstnError(ErrorCode.UNKNOWN_NODE, f"unknown link {link_id!r}") from None
-            new = replace(old, up=up, cost=old.cost if cost is None else float(cost))
-            if new != old:
-                self._links[link_id] = new
-                self._version += 1
-                self._rebuild()
-                self._changed.notify_all()
-            return new
+            if link_id not in self._base:
+                raise KmstnError(ErrorCode.UNKNOWN_NODE, f"unknown link {link_id!r}")
+            held = self._overrides.get(link_id)
+            keep_cost = cost if cost is not None else held.cost if held is not None else None
+            if up and keep_cost is None:
+                self._overrides.pop(link_id, None)
+            else:
+                self._overrides[link_id] = Override(up, keep_cost)
+            self._apply()
+            return self._links[link_id]
+
+    def learn(self, nodes: Iterable[NodeId], links: Iterable[LinkState],
+              saes: Mapping[SaeId, NodeId]) -> bool:
+        """Replace the graph with what link state says now; True if routes may change.
+
+        ``links`` are every link the records name (those not usable, down);
+        ``nodes`` must include both ends of each. Overrides are kept.
+        """
+        with self._lock:
+            new_nodes = sorted(set(nodes) | ({self._self} if self._self else set()))
+            new_base = {s.link.id: s for s in links}
+            new_saes = dict(saes)
+            if (new_nodes == self._nodes and new_base == self._base
+                    and new_saes == self._saes):
+                return False
+            self._nodes = new_nodes
+            self._index = {n: i for i, n in enumerate(new_nodes)}
+            self._base = new_base
+            self._saes = new_saes
+            self._overrides = {k: v for k, v in self._overrides.items() if k in new_base}
+            self._apply(force=True)
+            return True
+
+    def _apply(self, force: bool = False) -> None:
+        """Combine base and overrides; a new version if anything changed (lock held)."""
+        links = {}
+        for link_id, base in self._base.items():
+            held = self._overrides.get(link_id)
+            links[link_id] = base if held is None else replace(
+                base, up=base.up and held.up,
+                cost=held.cost if held.cost is not None else base.cost)
+        if force or links != self._links:
+            self._links = links
+            self._version += 1
+            self._rebuild()
+            self._changed.notify_all()
 
     def wait_for_change(self, seen_version: int, timeout: float) -> int:
         """Block until the version differs from ``seen_version`` (or ``timeout``); return it."""
@@ -126,7 +209,7 @@ class RoutingTable:
     # -- queries ---------------------------------------------------------------
 
     def route_to_sae(self, sae: str, source: NodeId | None = None) -> Route:
-        return self.route_to_node(self._topology.node_of_sae(sae), source)
+        return self.route_to_node(self.node_of_sae(sae), source)
 
     def route_to_node(self, destination: str, source: str | None = None) -> Route:
         src_name = source or self._self
@@ -187,7 +270,7 @@ class RoutingTable:
                     hop = first[i]
                     entries.append(TableEntry(node, paths[i], float(dist[i]), hop.to_node,
                                               hop.link_id, hop.kind, into[i]))
-            self._forwarding = ForwardingTable(self._version, me, entries, self._topology.saes)
+            self._forwarding = ForwardingTable(self._version, me, entries, self._saes)
             return self._forwarding
 
     def _walk(self, i: int, pred: NDArray[np.int32], paths: dict[int, tuple[NodeId, ...]],

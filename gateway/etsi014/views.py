@@ -33,7 +33,7 @@ def _edge() -> Edge:
 
 def _caller(edge: Edge) -> str:
     sae = caller_identity(request.environ)
-    own_sae(edge.config, sae)
+    own_sae(edge.config, sae, edge.routes)
     return sae
 
 
@@ -74,6 +74,7 @@ def dec_keys(master: str) -> Response:
         key_ids = etsi014.read_key_ids(request.method, request.args.to_dict(flat=False),
                                        request.get_data())
         assert edge.vault is not None  # noqa: S101 - the 014 edge is built with the keyvault
-        keys = flows.dec_keys(edge.config, edge.vault.take, slave, master, key_ids)
+        keys = flows.dec_keys(edge.config, edge.vault.take, slave, master, key_ids,
+                              edge.routes)
         metrics.count_key_bits("delivered", sum(k.size_bits for k in keys), "slave")
         return json_response(etsi014.key_container(keys))

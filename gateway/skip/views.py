@@ -62,7 +62,7 @@ def _edge() -> Edge:
 
 def _caller(flows: Edge) -> str:
     sae = caller_identity(request.environ)
-    own_sae(flows.config, sae)
+    own_sae(flows.config, sae, flows.routes)
     return sae
 
 
@@ -110,7 +110,9 @@ def capabilities() -> Response:
     flows = _edge()
     caller = _caller(flows)
     _only(set())
-    peers = sorted(s for s in flows.config.topology.saes if s != caller)
+    # Learned from link state: a node file names only this node's SAEs.
+    known = flows.routes.known_saes() if flows.routes is not None else flows.config.topology.saes
+    peers = sorted(s for s in known if s != caller)
     return json_response({"entropy": True, "key": True,
                           "algorithm": "QKD relayed hop by hop, each hop QKD XOR ML-KEM-768 "
                                        "or ML-KEM-768",
@@ -155,7 +157,8 @@ def key_by_id(key_id: str) -> Response:
             raise _bad("keyId must be 32 hexadecimal digits") from None
     with kmelog.log_context(sae_id=slave):
         assert flows.vault is not None  # noqa: S101 - the 014 edge is built with the keyvault
-        (key,) = kflows.dec_keys(flows.config, flows.vault.take, slave, master, [wanted])
+        (key,) = kflows.dec_keys(flows.config, flows.vault.take, slave, master, [wanted],
+                                 flows.routes)
         return _key_body(key)
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "KmstnKind",
     "Link",
     "LinkKindName",
+    "LinkStateSettings",
     "LogLevel",
     "MetricsService",
     "MetricsSettings",
@@ -317,6 +318,44 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkStateSettings:
+    """Signed link state: this node's key, how it is pinned, and the protocol's timers.
+
+    Read from the node file's ``[linkstate]`` table (routing/records.py,
+    routing/origin.py, relay/linkstate.py say what each does). With it, the
+    node learns the federation beyond its neighbours from signed records;
+    without it, routes are those of the configuration alone.
+    """
+
+    # This node's ML-DSA-65 private key (PKCS#8 PEM), its link-state
+    # certificate (CN = node ID), and the federation's link-state CA that
+    # pins every node's certificate.
+    key: Path
+    cert: Path
+    ca: Path
+    # Hellos to each kmstn neighbour; one with no hello answered either way
+    # for dead_interval_ms is down.
+    hello_interval_ms: int = 500
+    dead_interval_ms: int = 2000
+    # How often the relay asks its QKD devices for their status (liveness and
+    # key rate); a device that stops answering takes its link down.
+    device_poll_ms: int = 500
+    # A fresh record at least this often, kept by others this long.
+    refresh_s: float = 60.0
+    lifetime_s: int = 300
+    # A link that went down is announced up again after this long healthy.
+    up_hold_s: float = 2.0
+    # Time constant of the smoothed key rate behind a QKD link's cost.
+    rate_tau_s: float = 10.0
+    # A cost is announced again only when it changed by this factor, and at
+    # most once per min_cost_interval_s.
+    cost_hysteresis: float = 1.5
+    min_cost_interval_s: float = 5.0
+    # A QKD link costs at most this many times its configured cost.
+    max_cost_factor: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
 class QkdDeviceAccess:
     """Credentials this node uses toward its device on one QKD link."""
 
@@ -329,6 +368,10 @@ class QkdDeviceAccess:
 class NodeConfig:
     source: Path
     node: Kmstn
+    # What the node file says of the federation: with a per-node file, this
+    # node, its neighbours, its links and its own SAEs (the rest is learned
+    # from link state); with a node file that names a topology file (a lab
+    # convenience), that whole file.
     topology: Topology
     data_dir: Path
     tls: TlsFiles
@@ -341,6 +384,8 @@ class NodeConfig:
     relay: RelaySettings
     qkd_devices: Mapping[str, QkdDeviceAccess]
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    # Signed link state; None: routes come from the configuration alone.
+    linkstate: LinkStateSettings | None = None
 
     @property
     def metrics_host(self) -> str:

@@ -1,5 +1,19 @@
-"""The node file: which node this process is, where its data and certificates are,
-and how its services are reached; and the start of every process (:func:`load_or_exit`).
+"""The node file: which node this process is, its neighbourhood, where its data and
+certificates are, and how its services are reached; and the start of every
+process (:func:`load_or_exit`).
+
+A node file comes in two forms:
+
+* **Per node** (what ``kmstn config split`` and the lab launcher write): the
+  same tables as a topology file ([federation], [[kmstn]], [[qkd_link]],
+  [[pqc_link]], [[site_link]], [[sae]]), holding only this node, its
+  neighbours (address, ports, kind), the links that join them, with this
+  node's devices, and the SAEs this node (or a foreign KMS beside it) serves.
+  Nothing about nodes further away: with a ``[linkstate]`` table, the node
+  learns the rest from its neighbours' signed link-state records.
+* **Naming a topology file** (``topology = "topology.toml"``), a lab
+  convenience: the whole federation as configured, routes computed from it
+  as configured (no link state).
 """
 
 from __future__ import annotations
@@ -18,14 +32,16 @@ from kme.config.model import (
     GatewaySettings,
     KeyvaultSettings,
     Kmstn,
+    LinkStateSettings,
     MetricsSettings,
     NodeConfig,
     QkdDeviceAccess,
     RelaySettings,
     TlsFiles,
+    Topology,
 )
 from kme.config.reader import EX_CONFIG, ConfigError, Table, read_toml
-from kme.config.topology import host_field, load_topology
+from kme.config.topology import host_field, load_topology, read_topology
 from kme.types import NodeId
 
 __all__ = ["load_node_config", "load_or_exit"]
@@ -75,15 +91,21 @@ def _endpoint(t: Table, key: str, default: Path) -> Endpoint:
 
 
 def load_node_config(path: str | Path) -> NodeConfig:
-    """Read and validate a node file and the topology it names."""
+    """Read and validate a node file (and the topology file it may name)."""
     file = Path(path).resolve()
     root = Table(file, read_toml(file))
 
-    topo_path = root.path("topology", must_exist=True)
-    topology = load_topology(topo_path)
     nid = root.text("node")
-    if nid not in topology.kmstns:
-        raise root.error("node", f"KMSTN {nid!r} is not in the topology {topo_path}")
+    if "topology" in root.data:
+        topo_path = root.path("topology", must_exist=True)
+        topology = load_topology(topo_path)
+        if nid not in topology.kmstns:
+            raise root.error("node", f"KMSTN {nid!r} is not in the topology {topo_path}")
+    else:
+        topology = read_topology(file, root)
+        if nid not in topology.kmstns:
+            raise root.error("node", f"KMSTN {nid!r} is not among this file's [[kmstn]]")
+        _check_neighbourhood(root, topology, NodeId(nid))
     node = topology.kmstns[NodeId(nid)]
     if node.kind != "kmstn":
         raise root.error("node", f"{nid!r} is a foreign KMS in the topology, not a kmstn node")
@@ -108,6 +130,13 @@ def load_node_config(path: str | Path) -> NodeConfig:
     keyvault = _read_keyvault(root.table("keyvault", KeyvaultSettings))
     relay = _read_relay(root.table("relay", RelaySettings))
     metrics = _read_metrics(root.table("metrics", MetricsSettings), node)
+    linkstate = None
+    if "linkstate" in root.data:
+        if "topology" in root.data:
+            raise root.error("linkstate", "link state needs a per-node file; this one names "
+                                          "a topology file (routes as configured)")
+        linkstate = _read_linkstate(root.table("linkstate", LinkStateSettings,
+                                               required=("key", "cert", "ca")))
 
     my_links = {link.id: link for link in topology.links_of(node.id) if link.kind == "qkd"}
     devices: dict[str, QkdDeviceAccess] = {}
@@ -136,7 +165,30 @@ def load_node_config(path: str | Path) -> NodeConfig:
         keyvault_endpoint=endpoints["keyvault"], routing_endpoint=endpoints["routing"],
         relay_endpoint=endpoints["relay"], log_level=level, gateway=gateway,
         keyvault=keyvault, relay=relay, qkd_devices=devices, metrics=metrics,
+        linkstate=linkstate,
     )
+
+
+def _check_neighbourhood(root: Table, topology: Topology, me: NodeId) -> None:
+    """A per-node file names only this node's neighbourhood (each problem names its field)."""
+    linked = {link.other(me) for link in topology.links if me in (link.a, link.b)}
+    for i, k in enumerate(topology.kmstns.values()):
+        if k.id != me and k.id not in linked:
+            raise root.error(f"kmstn[{i}].id", f"{k.id} is not a neighbour of {me} (no link "
+                                               "joins them): a node file names only neighbours")
+    index: dict[str, int] = {}
+    for link in topology.links:
+        table = f"{link.kind}_link"
+        i = index[table] = index.get(table, -1) + 1
+        if me not in (link.a, link.b):
+            raise root.error(f"{table}[{i}].a", f"link {link.id} does not end at {me}: a node "
+                                                "file holds only this node's links")
+    foreign = {n for n in linked if topology.kmstns[n].kind == "foreign"}
+    for i, (sae, at) in enumerate(topology.saes.items()):
+        if at != me and at not in foreign:
+            raise root.error(f"sae[{i}].kmstn", f"{sae} is served by {at}: a node file names "
+                                                "only the SAEs of this node (and of a foreign "
+                                                "KMS beside it)")
 
 
 def _read_gateway(g: Table) -> GatewaySettings:
@@ -186,6 +238,33 @@ def _read_relay(r: Table) -> RelaySettings:
     )
     r.close()
     return relay
+
+
+def _read_linkstate(t: Table) -> LinkStateSettings:
+    hello = t.integer("hello_interval_ms", lo=50, hi=60_000)
+    dead = t.integer("dead_interval_ms", lo=100, hi=600_000)
+    if dead < 2 * hello:
+        raise t.error("dead_interval_ms", f"must be at least twice hello_interval_ms ({hello})")
+    refresh = t.number("refresh_s")
+    lifetime = t.integer("lifetime_s", lo=10, hi=86_400)
+    if lifetime < 2 * refresh:
+        raise t.error("lifetime_s", f"must be at least twice refresh_s ({refresh:g})")
+    settings = LinkStateSettings(
+        key=t.path("key", must_exist=True), cert=t.path("cert", must_exist=True),
+        ca=t.path("ca", must_exist=True),
+        hello_interval_ms=hello, dead_interval_ms=dead,
+        device_poll_ms=t.integer("device_poll_ms", lo=50, hi=600_000),
+        refresh_s=refresh, lifetime_s=lifetime,
+        up_hold_s=t.number("up_hold_s", nonnegative=True),
+        rate_tau_s=t.number("rate_tau_s"),
+        cost_hysteresis=t.number("cost_hysteresis"),
+        min_cost_interval_s=t.number("min_cost_interval_s", nonnegative=True),
+        max_cost_factor=t.number("max_cost_factor"),
+    )
+    if settings.cost_hysteresis < 1:
+        raise t.error("cost_hysteresis", "must be at least 1 (a factor)")
+    t.close()
+    return settings
 
 
 def _read_metrics(m: Table, node: Kmstn) -> MetricsSettings:

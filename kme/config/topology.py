@@ -28,7 +28,7 @@ from kme.config.reader import ConfigError, Table, field_default, read_toml
 from kme.errors import KmstnError
 from kme.types import NodeId, SaeId, node_id, sae_id
 
-__all__ = ["host_field", "load_topology"]
+__all__ = ["host_field", "load_topology", "read_topology"]
 
 
 class _Bounds(TypedDict):
@@ -67,7 +67,18 @@ def load_topology(path: str | Path) -> Topology:
     """Read and validate a topology file; raises ConfigError naming the field."""
     file = Path(path).resolve()
     root = Table(file, read_toml(file))
+    topology = read_topology(file, root)
+    root.close()
+    return topology
 
+
+def read_topology(file: Path, root: Table) -> Topology:
+    """The federation tables of ``root`` ([federation], [[kmstn]], links, [[sae]]).
+
+    A topology file is nothing else; a node file holds the same tables for
+    its neighbourhood (kme.config.node), so both are read by this one
+    function. The caller closes ``root`` (refusing keys nobody read).
+    """
     fed = root.table("federation")
     name = fed.text("name")
     # The federation's key size is what a QKD link has when it names none.
@@ -95,7 +106,6 @@ def load_topology(path: str | Path) -> Topology:
             raise t.error("kmstn", f"unknown KMSTN {node!r}")
         saes[sid] = NodeId(node)
         t.close()
-    root.close()
 
     _check_addresses(file, kmstns, links.links)
     return Topology(source=file, name=name, key_size=key_size, kmstns=kmstns,

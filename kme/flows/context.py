@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from kme.config import NodeConfig, QkdLink
+from kme.errors import ErrorCode, KmstnError
 from kme.flows.ports import Devices, Hop, Routes, Vault
 from kme.flows.retries import Jobs
 from kme.types import NodeId
@@ -48,7 +49,18 @@ class Context:
         return self.config.gateway.relay_timeout_ms / 1000
 
     def node_of(self, sae: str) -> NodeId:
-        return self.config.topology.node_of_sae(sae)
+        # The routes' map: SAEs of other nodes are learned from their
+        # link-state records, so a node file need not name them.
+        return self.routes.node_of_sae(sae)
+
+    def origin_of(self, sae: str, default: NodeId) -> NodeId:
+        """The node serving ``sae``, or ``default`` when no node is known to."""
+        try:
+            return self.node_of(sae)
+        except KmstnError as exc:
+            if exc.code is not ErrorCode.UNKNOWN_SAE:
+                raise
+            return default
 
     def in_background(self, fn: Callable[[], Any]) -> Future[Any]:
         def guarded() -> Any:

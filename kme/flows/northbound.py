@@ -85,7 +85,7 @@ def source_of(config: NodeConfig, routes: Routes, dests: Sequence[NodeId]) -> So
 
 def limits_for(config: NodeConfig, routes: Routes, slave: str) -> tuple[KeyLimits, int]:
     """ETSI 014 limits for keys meant for ``slave``, and max_key_count."""
-    source = source_of(config, routes, [config.topology.node_of_sae(slave)])
+    source = source_of(config, routes, [routes.node_of_sae(slave)])
     if source.link is None:
         size = config.topology.key_size
         return (KeyLimits(size, min(64, size), max(1024, size), CSPRNG_MAX_PER_REQUEST,
@@ -95,9 +95,15 @@ def limits_for(config: NodeConfig, routes: Routes, slave: str) -> tuple[KeyLimit
                       link.max_key_per_request, MAX_SAE_ID_COUNT), link.max_key_count)
 
 
-def own_sae(config: NodeConfig, sae: str) -> None:
-    """Refuse (401) an SAE that this node does not serve."""
+def own_sae(config: NodeConfig, sae: str, routes: Routes | None = None) -> None:
+    """Refuse (401) an SAE that this node does not serve.
+
+    A per-node file names only this node's SAEs; ``routes`` knows where the
+    others are (learned from link state), for a clearer refusal.
+    """
     node = config.topology.saes.get(sae)  # type: ignore[call-overload]
+    if node is None and routes is not None and _known_sae(config, routes, sae):
+        node = routes.node_of_sae(sae)
     if node is None:
         raise KmstnError(ErrorCode.UNAUTHENTICATED, f"SAE {sae!r} is not in the topology")
     if node != config.node_id:
@@ -142,7 +148,7 @@ class Northbound:
         exceeds ``max_key_count`` (clause 4.1: the most it can reach).
         """
         config = self._ctx.config
-        own_sae(config, master)
+        own_sae(config, master, self._ctx.routes)
         dest = self._ctx.node_of(slave)
         if slave == master:
             raise KmstnError(ErrorCode.INVALID_ARGUMENT,
@@ -201,7 +207,7 @@ class Northbound:
                  ) -> list[Key]:
         """Get key (ETSI 014 clause 5.2) for a master served here, toward every slave."""
         ctx = self._ctx
-        own_sae(ctx.config, master)
+        own_sae(ctx.config, master, ctx.routes)
         by_dest: dict[NodeId, list[str]] = defaultdict(list)
         for t in slaves:
             by_dest[ctx.node_of(t)].append(t)
@@ -234,16 +240,31 @@ class Northbound:
 
 
 def dec_keys(config: NodeConfig, take: Callable[[str, str, list[uuid.UUID], int], list[Key]],
-             slave: str, master: str, key_ids: Sequence[uuid.UUID]) -> list[Key]:
+             slave: str, master: str, key_ids: Sequence[uuid.UUID],
+             routes: Routes | None = None) -> list[Key]:
     """Get key with key IDs (ETSI 014 clause 5.3): once, only for a named slave.
 
     ``take`` is the keyvault's take-once (KeyVaultClient.take); the 014 gateway
-    calls this with it directly, no relay in between.
+    calls this with it directly, no relay in between. ``routes`` knows the
+    SAEs of other nodes (learned from link state); without it, the node
+    file's.
     """
-    own_sae(config, slave)
-    if master not in config.topology.saes:
+    own_sae(config, slave, routes)
+    if not _known_sae(config, routes, master):
         raise KmstnError(ErrorCode.KEY_NOT_FOUND, "unknown master")
     gateway = config.gateway
     # Concurrent mode: a key may still be on its way; wait for it a little.
     wait = gateway.inflight_wait_ms if gateway.delivery == "concurrent" else 0
     return take(slave, master, list(key_ids), wait)
+
+
+def _known_sae(config: NodeConfig, routes: Routes | None, sae: str) -> bool:
+    if routes is None:
+        return sae in config.topology.saes
+    try:
+        routes.node_of_sae(sae)
+    except KmstnError as exc:
+        if exc.code is not ErrorCode.UNKNOWN_SAE:
+            raise
+        return False
+    return True

@@ -9,7 +9,7 @@ returns an HTTP status or a raw body.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -17,7 +17,7 @@ from kme.config import QkdLink
 from kme.etsi014 import Status
 from kme.etsi020 import AckContainer, ExtKeyContainer, VoidContainer
 from kme.flows.messages import AckMessage, DeviceKeysNotice
-from kme.types import Deadline, Key, KeyGrant, NodeId, OutboxJob
+from kme.types import Deadline, Key, KeyGrant, NodeId, OutboxJob, SaeId
 
 __all__ = ["Device", "Devices", "Hop", "Job", "JobStore", "Outgoing", "RouteLike", "Routes",
            "Vault"]
@@ -37,6 +37,10 @@ class RouteLike(Protocol):
 
 class Routes(Protocol):
     def route_to_node(self, node: str) -> RouteLike: ...
+    def node_of_sae(self, sae: str) -> NodeId:
+        """The node serving ``sae`` (configured, or learned from link state); UNKNOWN_SAE."""
+    def known_saes(self) -> Mapping[SaeId, NodeId]:
+        """Every SAE a route is known for, and its node."""
 
 
 class Vault(Protocol):

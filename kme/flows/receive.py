@@ -114,8 +114,7 @@ class Receiver:
         """Store or forward an incoming ext_keys; the answer is its ack containers."""
         plan = plan or self.plan(peer, c, hop)
         keys = [Key(k.key_id, k.value, len(k.value) * 8) for k in c.keys]
-        origin = self._ctx.config.topology.saes.get(c.initiator_sae_id,  # type: ignore[call-overload]
-                                                    peer)
+        origin = self._ctx.origin_of(c.initiator_sae_id, peer)
         acks: list[AckContainer] = []
 
         def ack(targets: Sequence[str], status: str, message: str | None = None) -> None:

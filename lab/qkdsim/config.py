@@ -4,7 +4,8 @@
 that client certificates must chain to, and each end's server certificate
 and key::
 
-    topology = "topology.toml"      # the federation's topology file
+    topology = "topology.toml"      # the federation's topology file, or instead
+    # node_file = "nodes/KMSTN1/node.toml"  # a per-node file of one end of the link
     link = "QKD-1-2"                # a [[qkd_link]] id in it
     ca = "pki/ca.pem"               # clients must present a certificate from this CA
 
@@ -23,8 +24,8 @@ and key::
                                      # (labs and benchmarks: "the rate not limiting")
 
 Rates, sizes, addresses and fault injection come from the link in the
-topology (``[[qkd_link]]`` and ``[qkd_link.sim]``), so the nodes and the
-emulator can never disagree about them. Validation is as strict as
+topology or node file (``[[qkd_link]]`` and ``[qkd_link.sim]``), so the nodes
+and the emulator can never disagree about them. Validation is as strict as
 ``kme.config``: unknown keys, missing files, a certificate whose CN is not
 the end's ``kme_id`` or a key that does not match its certificate raise
 :class:`ConfigError` naming the field (the process exits 78).
@@ -55,6 +56,7 @@ from kme.config import (
     load_topology,
 )
 from kme.config.reader import Table, read_toml
+from kme.config.topology import read_topology
 from kme.identity import common_name_of
 
 __all__ = ["HEALTH_PATH", "SimConfig", "load_sim_config", "server_context", "sim_health",
@@ -124,7 +126,13 @@ def load_sim_config(path: str | Path) -> SimConfig:
     """Read and validate ``sim.toml`` and the topology it names."""
     file = Path(path).resolve()
     root = Table(file, read_toml(file))
-    topology = load_topology(root.path("topology", must_exist=True))
+    if "node_file" in root.data:
+        # A per-node file holds the same [[qkd_link]] tables for its own links;
+        # only those are read (the node's own settings are the node's).
+        node_path = root.path("node_file", must_exist=True)
+        topology = read_topology(node_path, Table(node_path, read_toml(node_path)))
+    else:
+        topology = load_topology(root.path("topology", must_exist=True))
     link_id = root.text("link")
     qkd = {link.id: link for link in topology.qkd_links}
     if link_id not in qkd:
@@ -156,12 +164,18 @@ def _toml_str(value: str | Path) -> str:
     return json.dumps(str(value))  # a TOML basic string is a JSON string
 
 
-def write_sim_config(path: Path, *, topology: Path, link: str, ca: Path, alice: _CertPair,
-                     bob: _CertPair, log_level: str = "info", rate_scale: float = 1.0) -> Path:
-    """Write a ``sim.toml`` (used by ``kmstn federation`` and the tests)."""
+def write_sim_config(path: Path, *, link: str, ca: Path, alice: _CertPair, bob: _CertPair,
+                     topology: Path | None = None, node_file: Path | None = None,
+                     log_level: str = "info", rate_scale: float = 1.0) -> Path:
+    """Write a ``sim.toml`` (used by ``kmstn federation`` and the tests); the link comes
+    from ``topology`` or from ``node_file`` (a per-node file of one of its ends)."""
+    if (topology is None) == (node_file is None):
+        raise ValueError("give a topology or a node file")
     path.parent.mkdir(parents=True, exist_ok=True)
+    source = (f"topology = {_toml_str(topology)}" if topology is not None
+              else f"node_file = {_toml_str(node_file)}")  # type: ignore[arg-type]
     lines = [
-        f"topology = {_toml_str(topology)}",
+        source,
         f"link = {_toml_str(link)}",
         f"ca = {_toml_str(ca)}",
         f"rate_scale = {float(rate_scale)!r}",

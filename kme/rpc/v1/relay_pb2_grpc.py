@@ -303,7 +303,8 @@ class Relay:
 
 class RelayPeerStub:
     """Neighbour-facing service (TCP, mutual TLS with node certificates), called
-    by the relays of adjacent nodes: the ML-KEM-768 exchange.
+    by the relays of adjacent nodes: the ML-KEM-768 exchange, and link state
+    (hellos, flooding, anti-entropy) between neighbours.
     """
 
     def __init__(self, channel):
@@ -327,11 +328,27 @@ class RelayPeerStub:
                 request_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.ReserveQkdKeysRequest.SerializeToString,
                 response_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.ReserveQkdKeysResponse.FromString,
                 _registered_method=True)
+        self.Hello = channel.unary_unary(
+                '/kme.rpc.v1.RelayPeer/Hello',
+                request_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.HelloRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.HelloResponse.FromString,
+                _registered_method=True)
+        self.Flood = channel.unary_unary(
+                '/kme.rpc.v1.RelayPeer/Flood',
+                request_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.FloodRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.FloodResponse.FromString,
+                _registered_method=True)
+        self.SyncLinkState = channel.unary_unary(
+                '/kme.rpc.v1.RelayPeer/SyncLinkState',
+                request_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.SyncLinkStateRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.SyncLinkStateResponse.FromString,
+                _registered_method=True)
 
 
 class RelayPeerServicer:
     """Neighbour-facing service (TCP, mutual TLS with node certificates), called
-    by the relays of adjacent nodes: the ML-KEM-768 exchange.
+    by the relays of adjacent nodes: the ML-KEM-768 exchange, and link state
+    (hellos, flooding, anti-entropy) between neighbours.
     """
 
     def PublicKeys(self, request, context):
@@ -365,6 +382,32 @@ class RelayPeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Hello(self, request, context):
+        """Neighbour liveness: each relay calls this on every kmstn neighbour once a
+        hello interval; a neighbour with no hello answered either way within the
+        dead interval is down. Both sides send the digest of their link-state
+        database, so a difference that outlasts flooding starts a sync.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Flood(self, request, context):
+        """Signed link-state records for this node's routing service to verify,
+        keep and pass on (the caller is the neighbour they come from).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SyncLinkState(self, request, context):
+        """Anti-entropy: the records the callee holds that the caller lacks, and the
+        callee's headers (the caller then floods what the callee lacks).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RelayPeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -383,6 +426,21 @@ def add_RelayPeerServicer_to_server(servicer, server):
                     request_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.ReserveQkdKeysRequest.FromString,
                     response_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.ReserveQkdKeysResponse.SerializeToString,
             ),
+            'Hello': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hello,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.HelloRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.HelloResponse.SerializeToString,
+            ),
+            'Flood': grpc.unary_unary_rpc_method_handler(
+                    servicer.Flood,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.FloodRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.FloodResponse.SerializeToString,
+            ),
+            'SyncLinkState': grpc.unary_unary_rpc_method_handler(
+                    servicer.SyncLinkState,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_relay__pb2.SyncLinkStateRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_relay__pb2.SyncLinkStateResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'kme.rpc.v1.RelayPeer', rpc_method_handlers)
@@ -393,7 +451,8 @@ def add_RelayPeerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RelayPeer:
     """Neighbour-facing service (TCP, mutual TLS with node certificates), called
-    by the relays of adjacent nodes: the ML-KEM-768 exchange.
+    by the relays of adjacent nodes: the ML-KEM-768 exchange, and link state
+    (hellos, flooding, anti-entropy) between neighbours.
     """
 
     @staticmethod
@@ -467,6 +526,87 @@ class RelayPeer:
             '/kme.rpc.v1.RelayPeer/ReserveQkdKeys',
             kme_dot_rpc_dot_v1_dot_relay__pb2.ReserveQkdKeysRequest.SerializeToString,
             kme_dot_rpc_dot_v1_dot_relay__pb2.ReserveQkdKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Hello(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kme.rpc.v1.RelayPeer/Hello',
+            kme_dot_rpc_dot_v1_dot_relay__pb2.HelloRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_relay__pb2.HelloResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Flood(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kme.rpc.v1.RelayPeer/Flood',
+            kme_dot_rpc_dot_v1_dot_relay__pb2.FloodRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_relay__pb2.FloodResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncLinkState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kme.rpc.v1.RelayPeer/SyncLinkState',
+            kme_dot_rpc_dot_v1_dot_relay__pb2.SyncLinkStateRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_relay__pb2.SyncLinkStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -177,7 +177,8 @@ def add_RelayServicer_to_server(servicer: RelayServicer, server: _typing.Union[_
 
 class RelayPeerStub:
     """Neighbour-facing service (TCP, mutual TLS with node certificates), called
-    by the relays of adjacent nodes: the ML-KEM-768 exchange.
+    by the relays of adjacent nodes: the ML-KEM-768 exchange, and link state
+    (hellos, flooding, anti-entropy) between neighbours.
     """
 
     @_typing.overload
@@ -203,11 +204,26 @@ class RelayPeerStub:
     either side. Envelopes may still name a key that was not announced; the
     receiver then asks its device for it.
     """
+    Hello: _grpc.UnaryUnaryMultiCallable[_relay_pb2.HelloRequest, _relay_pb2.HelloResponse]
+    """Neighbour liveness: each relay calls this on every kmstn neighbour once a
+    hello interval; a neighbour with no hello answered either way within the
+    dead interval is down. Both sides send the digest of their link-state
+    database, so a difference that outlasts flooding starts a sync.
+    """
+    Flood: _grpc.UnaryUnaryMultiCallable[_relay_pb2.FloodRequest, _relay_pb2.FloodResponse]
+    """Signed link-state records for this node's routing service to verify,
+    keep and pass on (the caller is the neighbour they come from).
+    """
+    SyncLinkState: _grpc.UnaryUnaryMultiCallable[_relay_pb2.SyncLinkStateRequest, _relay_pb2.SyncLinkStateResponse]
+    """Anti-entropy: the records the callee holds that the caller lacks, and the
+    callee's headers (the caller then floods what the callee lacks).
+    """
 
 @_typing.type_check_only
 class RelayPeerAsyncStub(RelayPeerStub):
     """Neighbour-facing service (TCP, mutual TLS with node certificates), called
-    by the relays of adjacent nodes: the ML-KEM-768 exchange.
+    by the relays of adjacent nodes: the ML-KEM-768 exchange, and link state
+    (hellos, flooding, anti-entropy) between neighbours.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -230,10 +246,25 @@ class RelayPeerAsyncStub(RelayPeerStub):
     either side. Envelopes may still name a key that was not announced; the
     receiver then asks its device for it.
     """
+    Hello: _aio.UnaryUnaryMultiCallable[_relay_pb2.HelloRequest, _relay_pb2.HelloResponse]  # type: ignore[assignment]
+    """Neighbour liveness: each relay calls this on every kmstn neighbour once a
+    hello interval; a neighbour with no hello answered either way within the
+    dead interval is down. Both sides send the digest of their link-state
+    database, so a difference that outlasts flooding starts a sync.
+    """
+    Flood: _aio.UnaryUnaryMultiCallable[_relay_pb2.FloodRequest, _relay_pb2.FloodResponse]  # type: ignore[assignment]
+    """Signed link-state records for this node's routing service to verify,
+    keep and pass on (the caller is the neighbour they come from).
+    """
+    SyncLinkState: _aio.UnaryUnaryMultiCallable[_relay_pb2.SyncLinkStateRequest, _relay_pb2.SyncLinkStateResponse]  # type: ignore[assignment]
+    """Anti-entropy: the records the callee holds that the caller lacks, and the
+    callee's headers (the caller then floods what the callee lacks).
+    """
 
 class RelayPeerServicer(metaclass=_abc_1.ABCMeta):
     """Neighbour-facing service (TCP, mutual TLS with node certificates), called
-    by the relays of adjacent nodes: the ML-KEM-768 exchange.
+    by the relays of adjacent nodes: the ML-KEM-768 exchange, and link state
+    (hellos, flooding, anti-entropy) between neighbours.
     """
 
     @_abc_1.abstractmethod
@@ -271,6 +302,38 @@ class RelayPeerServicer(metaclass=_abc_1.ABCMeta):
         ttl_seconds. A QKD hop then costs no device call on the hot path of
         either side. Envelopes may still name a key that was not announced; the
         receiver then asks its device for it.
+        """
+
+    @_abc_1.abstractmethod
+    def Hello(
+        self,
+        request: _relay_pb2.HelloRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_relay_pb2.HelloResponse, _abc.Awaitable[_relay_pb2.HelloResponse]]:
+        """Neighbour liveness: each relay calls this on every kmstn neighbour once a
+        hello interval; a neighbour with no hello answered either way within the
+        dead interval is down. Both sides send the digest of their link-state
+        database, so a difference that outlasts flooding starts a sync.
+        """
+
+    @_abc_1.abstractmethod
+    def Flood(
+        self,
+        request: _relay_pb2.FloodRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_relay_pb2.FloodResponse, _abc.Awaitable[_relay_pb2.FloodResponse]]:
+        """Signed link-state records for this node's routing service to verify,
+        keep and pass on (the caller is the neighbour they come from).
+        """
+
+    @_abc_1.abstractmethod
+    def SyncLinkState(
+        self,
+        request: _relay_pb2.SyncLinkStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_relay_pb2.SyncLinkStateResponse, _abc.Awaitable[_relay_pb2.SyncLinkStateResponse]]:
+        """Anti-entropy: the records the callee holds that the caller lacks, and the
+        callee's headers (the caller then floods what the callee lacks).
         """
 
 def add_RelayPeerServicer_to_server(servicer: RelayPeerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

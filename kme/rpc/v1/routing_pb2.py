@@ -23,39 +23,66 @@ _sym_db = _symbol_database.Default()
 
 
 from kme.rpc.v1 import common_pb2 as kme_dot_rpc_dot_v1_dot_common__pb2
+from kme.rpc.v1 import linkstate_pb2 as kme_dot_rpc_dot_v1_dot_linkstate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kme/rpc/v1/routing.proto\x12\nkme.rpc.v1\x1a\x17kme/rpc/v1/common.proto\")\n\x0cWatchRequest\x12\x19\n\x11heartbeat_seconds\x18\x01 \x01(\r\"\xee\x02\n\x0f\x46orwardingTable\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x14\n\x0cself_node_id\x18\x02 \x01(\t\x12\x32\n\x07\x65ntries\x18\x03 \x03(\x0b\x32!.kme.rpc.v1.ForwardingTable.Entry\x12!\n\x04saes\x18\x04 \x03(\x0b\x32\x13.kme.rpc.v1.SaeInfo\x1a\xdc\x01\n\x05\x45ntry\x12\x1b\n\x13\x64\x65stination_node_id\x18\x01 \x01(\t\x12\x18\n\x10next_hop_node_id\x18\x02 \x01(\t\x12\x14\n\x0cnext_link_id\x18\x03 \x01(\t\x12+\n\rnext_hop_kind\x18\x04 \x01(\x0e\x32\x14.kme.rpc.v1.LinkKind\x12\x12\n\ntotal_cost\x18\x05 \x01(\x01\x12\x0c\n\x04path\x18\x06 \x03(\t\x12!\n\x08last_hop\x18\x07 \x01(\x0b\x32\x0f.kme.rpc.v1.Hop\x12\x14\n\x0c\x63ut_link_ids\x18\x08 \x03(\t\"Z\n\x0cRouteRequest\x12\x10\n\x06sae_id\x18\x01 \x01(\tH\x00\x12\x11\n\x07node_id\x18\x02 \x01(\tH\x00\x12\x16\n\x0esource_node_id\x18\x03 \x01(\tB\r\n\x0b\x64\x65stination\"r\n\x03Hop\x12\x14\n\x0c\x66rom_node_id\x18\x01 \x01(\t\x12\x12\n\nto_node_id\x18\x02 \x01(\t\x12\x0f\n\x07link_id\x18\x03 \x01(\t\x12\"\n\x04kind\x18\x04 \x01(\x0e\x32\x14.kme.rpc.v1.LinkKind\x12\x0c\n\x04\x63ost\x18\x05 \x01(\x01\"\xe6\x01\n\rRouteResponse\x12\x16\n\x0esource_node_id\x18\x01 \x01(\t\x12\x1b\n\x13\x64\x65stination_node_id\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x03(\t\x12\x1d\n\x04hops\x18\x04 \x03(\x0b\x32\x0f.kme.rpc.v1.Hop\x12\x18\n\x10next_hop_node_id\x18\x05 \x01(\t\x12+\n\rnext_hop_kind\x18\x06 \x01(\x0e\x32\x14.kme.rpc.v1.LinkKind\x12\x12\n\ntotal_cost\x18\x07 \x01(\x01\x12\x18\n\x10topology_version\x18\x08 \x01(\x04\"J\n\x0fLinkStateUpdate\x12\x0f\n\x07link_id\x18\x01 \x01(\t\x12\n\n\x02up\x18\x02 \x01(\x08\x12\x11\n\x04\x63ost\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x07\n\x05_cost\"\x80\x01\n\tLinkState\x12\x0f\n\x07link_id\x18\x01 \x01(\t\x12\x11\n\ta_node_id\x18\x02 \x01(\t\x12\x11\n\tb_node_id\x18\x03 \x01(\t\x12\"\n\x04kind\x18\x04 \x01(\x0e\x32\x14.kme.rpc.v1.LinkKind\x12\n\n\x02up\x18\x05 \x01(\x08\x12\x0c\n\x04\x63ost\x18\x06 \x01(\x01\"\x11\n\x0fTopologyRequest\"w\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x14\n\x0c\x65tsi014_port\x18\x03 \x01(\r\x12\x14\n\x0c\x65tsi020_port\x18\x04 \x01(\r\x12\x12\n\nrelay_port\x18\x05 \x01(\r\x12\x0c\n\x04kind\x18\x06 \x01(\t\"*\n\x07SaeInfo\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"\xa7\x01\n\x10TopologySnapshot\x12\x14\n\x0cself_node_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12#\n\x05nodes\x18\x03 \x03(\x0b\x32\x14.kme.rpc.v1.NodeInfo\x12$\n\x05links\x18\x04 \x03(\x0b\x32\x15.kme.rpc.v1.LinkState\x12!\n\x04saes\x18\x05 \x03(\x0b\x32\x13.kme.rpc.v1.SaeInfo2\x99\x02\n\x07Routing\x12<\n\x05Route\x12\x18.kme.rpc.v1.RouteRequest\x1a\x19.kme.rpc.v1.RouteResponse\x12\x42\n\x0cSetLinkState\x12\x1b.kme.rpc.v1.LinkStateUpdate\x1a\x15.kme.rpc.v1.LinkState\x12\x45\n\x08Topology\x12\x1b.kme.rpc.v1.TopologyRequest\x1a\x1c.kme.rpc.v1.TopologySnapshot\x12\x45\n\nWatchTable\x12\x18.kme.rpc.v1.WatchRequest\x1a\x1b.kme.rpc.v1.ForwardingTable0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kme/rpc/v1/routing.proto\x12\nkme.rpc.v1\x1a\x17kme/rpc/v1/common.proto\x1a\x1akme/rpc/v1/linkstate.proto\"\\\n\x16SubmitLinkStateRequest\x12\x14\n\x0c\x66rom_node_id\x18\x01 \x01(\t\x12,\n\x07records\x18\x02 \x03(\x0b\x32\x1b.kme.rpc.v1.SignedLinkState\"\xa0\x01\n\x11\x46loodInstructions\x12\x31\n\x05sends\x18\x01 \x03(\x0b\x32\".kme.rpc.v1.FloodInstructions.Send\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x1aH\n\x04Send\x12\x12\n\nto_node_id\x18\x01 \x01(\t\x12,\n\x07records\x18\x02 \x03(\x0b\x32\x1b.kme.rpc.v1.SignedLinkState\"\x83\x02\n\nLocalState\x12\x34\n\nneighbours\x18\x01 \x03(\x0b\x32 .kme.rpc.v1.LocalState.Neighbour\x12.\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x1d.kme.rpc.v1.LocalState.Device\x1a(\n\tNeighbour\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\n\n\x02up\x18\x02 \x01(\x08\x1a\x65\n\x06\x44\x65vice\x12\x0f\n\x07link_id\x18\x01 \x01(\t\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\x10\n\x08rate_bps\x18\x03 \x01(\x01\x12\x13\n\x0bstored_keys\x18\x04 \x01(\x04\x12\x10\n\x08max_keys\x18\x05 \x01(\x04\"p\n\x14LinkStateSyncRequest\x12\x14\n\x0c\x66rom_node_id\x18\x01 \x01(\t\x12,\n\x07headers\x18\x02 \x03(\x0b\x32\x1b.kme.rpc.v1.LinkStateHeader\x12\x14\n\x0cheaders_only\x18\x03 \x01(\x08\"s\n\x15LinkStateSyncResponse\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.kme.rpc.v1.SignedLinkState\x12,\n\x07headers\x18\x02 \x03(\x0b\x32\x1b.kme.rpc.v1.LinkStateHeader\"\x1a\n\x18LinkStateDatabaseRequest\"\xec\x03\n\x15LinkStateDatabaseView\x12\x14\n\x0cself_node_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x38\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\'.kme.rpc.v1.LinkStateDatabaseView.Entry\x12:\n\x07refused\x18\x04 \x03(\x0b\x32).kme.rpc.v1.LinkStateDatabaseView.Refused\x12$\n\x05links\x18\x05 \x03(\x0b\x32\x15.kme.rpc.v1.LinkState\x12\x0e\n\x06\x64igest\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\x04\x1as\n\x05\x45ntry\x12+\n\x06record\x18\x01 \x01(\x0b\x32\x1b.kme.rpc.v1.LinkStateRecord\x12\x13\n\x0b\x61ge_seconds\x18\x02 \x01(\x01\x12\x11\n\tsignature\x18\x03 \x01(\t\x12\x15\n\rreceived_from\x18\x04 \x01(\t\x1a}\n\x07Refused\x12\x14\n\x0c\x66rom_node_id\x18\x01 \x01(\t\x12\x16\n\x0eorigin_node_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x13\n\x0bseconds_ago\x18\x05 \x01(\x01\x12\r\n\x05\x63ount\x18\x06 \x01(\x04\")\n\x0cWatchRequest\x12\x19\n\x11heartbeat_seconds\x18\x01 \x01(\r\"\xee\x02\n\x0f\x46orwardingTable\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x14\n\x0cself_node_id\x18\x02 \x01(\t\x12\x32\n\x07\x65ntries\x18\x03 \x03(\x0b\x32!.kme.rpc.v1.ForwardingTable.Entry\x12!\n\x04saes\x18\x04 \x03(\x0b\x32\x13.kme.rpc.v1.SaeInfo\x1a\xdc\x01\n\x05\x45ntry\x12\x1b\n\x13\x64\x65stination_node_id\x18\x01 \x01(\t\x12\x18\n\x10next_hop_node_id\x18\x02 \x01(\t\x12\x14\n\x0cnext_link_id\x18\x03 \x01(\t\x12+\n\rnext_hop_kind\x18\x04 \x01(\x0e\x32\x14.kme.rpc.v1.LinkKind\x12\x12\n\ntotal_cost\x18\x05 \x01(\x01\x12\x0c\n\x04path\x18\x06 \x03(\t\x12!\n\x08last_hop\x18\x07 \x01(\x0b\x32\x0f.kme.rpc.v1.Hop\x12\x14\n\x0c\x63ut_link_ids\x18\x08 \x03(\t\"Z\n\x0cRouteRequest\x12\x10\n\x06sae_id\x18\x01 \x01(\tH\x00\x12\x11\n\x07node_id\x18\x02 \x01(\tH\x00\x12\x16\n\x0esource_node_id\x18\x03 \x01(\tB\r\n\x0b\x64\x65stination\"\x9a\x01\n\x03Hop\x12\x14\n\x0c\x66rom_node_id\x18\x01 \x01(\t\x12\x12\n\nto_node_id\x18\x02 \x01(\t\x12\x0f\n\x07link_id\x18\x03 \x01(\t\x12\"\n\x04kind\x18\x04 \x01(\x0e\x32\x14.kme.rpc.v1.LinkKind\x12\x0c\n\x04\x63ost\x18\x05 \x01(\x01\x12&\n\x04\x65nds\x18\x06 \x03(\x0b\x32\x18.kme.rpc.v1.AnnouncedEnd\"H\n\x0c\x41nnouncedEnd\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\'\n\x04link\x18\x02 \x01(\x0b\x32\x19.kme.rpc.v1.AnnouncedLink\"\xe6\x01\n\rRouteResponse\x12\x16\n\x0esource_node_id\x18\x01 \x01(\t\x12\x1b\n\x13\x64\x65stination_node_id\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x03(\t\x12\x1d\n\x04hops\x18\x04 \x03(\x0b\x32\x0f.kme.rpc.v1.Hop\x12\x18\n\x10next_hop_node_id\x18\x05 \x01(\t\x12+\n\rnext_hop_kind\x18\x06 \x01(\x0e\x32\x14.kme.rpc.v1.LinkKind\x12\x12\n\ntotal_cost\x18\x07 \x01(\x01\x12\x18\n\x10topology_version\x18\x08 \x01(\x04\"J\n\x0fLinkStateUpdate\x12\x0f\n\x07link_id\x18\x01 \x01(\t\x12\n\n\x02up\x18\x02 \x01(\x08\x12\x11\n\x04\x63ost\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x07\n\x05_cost\"\x94\x01\n\tLinkState\x12\x0f\n\x07link_id\x18\x01 \x01(\t\x12\x11\n\ta_node_id\x18\x02 \x01(\t\x12\x11\n\tb_node_id\x18\x03 \x01(\t\x12\"\n\x04kind\x18\x04 \x01(\x0e\x32\x14.kme.rpc.v1.LinkKind\x12\n\n\x02up\x18\x05 \x01(\x08\x12\x0c\n\x04\x63ost\x18\x06 \x01(\x01\x12\x12\n\noverridden\x18\x07 \x01(\x08\"\x11\n\x0fTopologyRequest\"w\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x14\n\x0c\x65tsi014_port\x18\x03 \x01(\r\x12\x14\n\x0c\x65tsi020_port\x18\x04 \x01(\r\x12\x12\n\nrelay_port\x18\x05 \x01(\r\x12\x0c\n\x04kind\x18\x06 \x01(\t\"*\n\x07SaeInfo\x12\x0e\n\x06sae_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"\xa7\x01\n\x10TopologySnapshot\x12\x14\n\x0cself_node_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12#\n\x05nodes\x18\x03 \x03(\x0b\x32\x14.kme.rpc.v1.NodeInfo\x12$\n\x05links\x18\x04 \x03(\x0b\x32\x15.kme.rpc.v1.LinkState\x12!\n\x04saes\x18\x05 \x03(\x0b\x32\x13.kme.rpc.v1.SaeInfo2\xee\x04\n\x07Routing\x12<\n\x05Route\x12\x18.kme.rpc.v1.RouteRequest\x1a\x19.kme.rpc.v1.RouteResponse\x12\x42\n\x0cSetLinkState\x12\x1b.kme.rpc.v1.LinkStateUpdate\x1a\x15.kme.rpc.v1.LinkState\x12\x45\n\x08Topology\x12\x1b.kme.rpc.v1.TopologyRequest\x1a\x1c.kme.rpc.v1.TopologySnapshot\x12\x45\n\nWatchTable\x12\x18.kme.rpc.v1.WatchRequest\x1a\x1b.kme.rpc.v1.ForwardingTable0\x01\x12T\n\x0fSubmitLinkState\x12\".kme.rpc.v1.SubmitLinkStateRequest\x1a\x1d.kme.rpc.v1.FloodInstructions\x12I\n\x10ReportLocalState\x12\x16.kme.rpc.v1.LocalState\x1a\x1d.kme.rpc.v1.FloodInstructions\x12T\n\rLinkStateSync\x12 .kme.rpc.v1.LinkStateSyncRequest\x1a!.kme.rpc.v1.LinkStateSyncResponse\x12\\\n\x11LinkStateDatabase\x12$.kme.rpc.v1.LinkStateDatabaseRequest\x1a!.kme.rpc.v1.LinkStateDatabaseViewb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kme.rpc.v1.routing_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WATCHREQUEST']._serialized_start=65
-  _globals['_WATCHREQUEST']._serialized_end=106
-  _globals['_FORWARDINGTABLE']._serialized_start=109
-  _globals['_FORWARDINGTABLE']._serialized_end=475
-  _globals['_FORWARDINGTABLE_ENTRY']._serialized_start=255
-  _globals['_FORWARDINGTABLE_ENTRY']._serialized_end=475
-  _globals['_ROUTEREQUEST']._serialized_start=477
-  _globals['_ROUTEREQUEST']._serialized_end=567
-  _globals['_HOP']._serialized_start=569
-  _globals['_HOP']._serialized_end=683
-  _globals['_ROUTERESPONSE']._serialized_start=686
-  _globals['_ROUTERESPONSE']._serialized_end=916
-  _globals['_LINKSTATEUPDATE']._serialized_start=918
-  _globals['_LINKSTATEUPDATE']._serialized_end=992
-  _globals['_LINKSTATE']._serialized_start=995
-  _globals['_LINKSTATE']._serialized_end=1123
-  _globals['_TOPOLOGYREQUEST']._serialized_start=1125
-  _globals['_TOPOLOGYREQUEST']._serialized_end=1142
-  _globals['_NODEINFO']._serialized_start=1144
-  _globals['_NODEINFO']._serialized_end=1263
-  _globals['_SAEINFO']._serialized_start=1265
-  _globals['_SAEINFO']._serialized_end=1307
-  _globals['_TOPOLOGYSNAPSHOT']._serialized_start=1310
-  _globals['_TOPOLOGYSNAPSHOT']._serialized_end=1477
-  _globals['_ROUTING']._serialized_start=1480
-  _globals['_ROUTING']._serialized_end=1761
+  _globals['_SUBMITLINKSTATEREQUEST']._serialized_start=93
+  _globals['_SUBMITLINKSTATEREQUEST']._serialized_end=185
+  _globals['_FLOODINSTRUCTIONS']._serialized_start=188
+  _globals['_FLOODINSTRUCTIONS']._serialized_end=348
+  _globals['_FLOODINSTRUCTIONS_SEND']._serialized_start=276
+  _globals['_FLOODINSTRUCTIONS_SEND']._serialized_end=348
+  _globals['_LOCALSTATE']._serialized_start=351
+  _globals['_LOCALSTATE']._serialized_end=610
+  _globals['_LOCALSTATE_NEIGHBOUR']._serialized_start=467
+  _globals['_LOCALSTATE_NEIGHBOUR']._serialized_end=507
+  _globals['_LOCALSTATE_DEVICE']._serialized_start=509
+  _globals['_LOCALSTATE_DEVICE']._serialized_end=610
+  _globals['_LINKSTATESYNCREQUEST']._serialized_start=612
+  _globals['_LINKSTATESYNCREQUEST']._serialized_end=724
+  _globals['_LINKSTATESYNCRESPONSE']._serialized_start=726
+  _globals['_LINKSTATESYNCRESPONSE']._serialized_end=841
+  _globals['_LINKSTATEDATABASEREQUEST']._serialized_start=843
+  _globals['_LINKSTATEDATABASEREQUEST']._serialized_end=869
+  _globals['_LINKSTATEDATABASEVIEW']._serialized_start=872
+  _globals['_LINKSTATEDATABASEVIEW']._serialized_end=1364
+  _globals['_LINKSTATEDATABASEVIEW_ENTRY']._serialized_start=1122
+  _globals['_LINKSTATEDATABASEVIEW_ENTRY']._serialized_end=1237
+  _globals['_LINKSTATEDATABASEVIEW_REFUSED']._serialized_start=1239
+  _globals['_LINKSTATEDATABASEVIEW_REFUSED']._serialized_end=1364
+  _globals['_WATCHREQUEST']._serialized_start=1366
+  _globals['_WATCHREQUEST']._serialized_end=1407
+  _globals['_FORWARDINGTABLE']._serialized_start=1410
+  _globals['_FORWARDINGTABLE']._serialized_end=1776
+  _globals['_FORWARDINGTABLE_ENTRY']._serialized_start=1556
+  _globals['_FORWARDINGTABLE_ENTRY']._serialized_end=1776
+  _globals['_ROUTEREQUEST']._serialized_start=1778
+  _globals['_ROUTEREQUEST']._serialized_end=1868
+  _globals['_HOP']._serialized_start=1871
+  _globals['_HOP']._serialized_end=2025
+  _globals['_ANNOUNCEDEND']._serialized_start=2027
+  _globals['_ANNOUNCEDEND']._serialized_end=2099
+  _globals['_ROUTERESPONSE']._serialized_start=2102
+  _globals['_ROUTERESPONSE']._serialized_end=2332
+  _globals['_LINKSTATEUPDATE']._serialized_start=2334
+  _globals['_LINKSTATEUPDATE']._serialized_end=2408
+  _globals['_LINKSTATE']._serialized_start=2411
+  _globals['_LINKSTATE']._serialized_end=2559
+  _globals['_TOPOLOGYREQUEST']._serialized_start=2561
+  _globals['_TOPOLOGYREQUEST']._serialized_end=2578
+  _globals['_NODEINFO']._serialized_start=2580
+  _globals['_NODEINFO']._serialized_end=2699
+  _globals['_SAEINFO']._serialized_start=2701
+  _globals['_SAEINFO']._serialized_end=2743
+  _globals['_TOPOLOGYSNAPSHOT']._serialized_start=2746
+  _globals['_TOPOLOGYSNAPSHOT']._serialized_end=2913
+  _globals['_ROUTING']._serialized_start=2916
+  _globals['_ROUTING']._serialized_end=3538
 # @@protoc_insertion_point(module_scope)

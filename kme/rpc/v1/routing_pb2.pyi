@@ -3,12 +3,18 @@
 isort:skip_file
 Routing: where a key for a given SAE goes next (paper IV-D, made dynamic).
 
-Each node's routing service holds the federation topology as a weighted
-graph and answers shortest paths from its own node with Dijkstra
-(scipy.sparse.csgraph, one source at a time). Link state can change at run
-time; the next Route call sees the change. The other services of the node
-do not hold the graph: they follow the forwarding table the service pushes
-(WatchTable), so only the routing process carries scipy.
+Each node's routing service holds the federation as a weighted graph and
+answers shortest paths from its own node with Dijkstra
+(scipy.sparse.csgraph, one source at a time). With a per-node file the
+graph is learned: the service keeps the database of signed link-state
+records (kme/rpc/v1/linkstate.proto) that the node's relay receives from
+its neighbours, verifies each record before use, and builds the graph from
+the links both ends announce up. With a node file that names a topology
+file (a lab convenience) the graph is that file's, as configured. Link
+state can change at run time; the next Route call sees the change. The
+other services of the node do not hold the graph: they follow the
+forwarding table the service pushes (WatchTable), so only the routing
+process carries scipy.
 """
 
 from collections import abc as _abc
@@ -16,6 +22,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from kme.rpc.v1 import common_pb2 as _common_pb2
+from kme.rpc.v1 import linkstate_pb2 as _linkstate_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -26,6 +33,338 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class SubmitLinkStateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_NODE_ID_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    from_node_id: _builtins.str
+    """The neighbour the records came from (its verified certificate's CN)."""
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[_linkstate_pb2.SignedLinkState]: ...
+    def __init__(
+        self,
+        *,
+        from_node_id: _builtins.str = ...,
+        records: _abc.Iterable[_linkstate_pb2.SignedLinkState] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_node_id", b"from_node_id", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitLinkStateRequest: _TypeAlias = SubmitLinkStateRequest  # noqa: Y015
+
+@_typing.final
+class FloodInstructions(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Send(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        TO_NODE_ID_FIELD_NUMBER: _builtins.int
+        RECORDS_FIELD_NUMBER: _builtins.int
+        to_node_id: _builtins.str
+        @_builtins.property
+        def records(self) -> _containers.RepeatedCompositeFieldContainer[_linkstate_pb2.SignedLinkState]: ...
+        def __init__(
+            self,
+            *,
+            to_node_id: _builtins.str = ...,
+            records: _abc.Iterable[_linkstate_pb2.SignedLinkState] | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records", "to_node_id", b"to_node_id"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SENDS_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    digest: _builtins.str
+    """The digest of the database after this call (hellos carry it, so two
+    neighbours notice when their databases differ).
+    """
+    @_builtins.property
+    def sends(self) -> _containers.RepeatedCompositeFieldContainer[Global___FloodInstructions.Send]:
+        """Records to send on, per neighbour."""
+
+    def __init__(
+        self,
+        *,
+        sends: _abc.Iterable[Global___FloodInstructions.Send] | None = ...,
+        digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "sends", b"sends"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FloodInstructions: _TypeAlias = FloodInstructions  # noqa: Y015
+
+@_typing.final
+class LocalState(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Neighbour(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        NODE_ID_FIELD_NUMBER: _builtins.int
+        UP_FIELD_NUMBER: _builtins.int
+        node_id: _builtins.str
+        up: _builtins.bool
+        """Answered a hello within the dead interval."""
+        def __init__(
+            self,
+            *,
+            node_id: _builtins.str = ...,
+            up: _builtins.bool = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "up", b"up"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Device(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        LINK_ID_FIELD_NUMBER: _builtins.int
+        REACHABLE_FIELD_NUMBER: _builtins.int
+        RATE_BPS_FIELD_NUMBER: _builtins.int
+        STORED_KEYS_FIELD_NUMBER: _builtins.int
+        MAX_KEYS_FIELD_NUMBER: _builtins.int
+        link_id: _builtins.str
+        reachable: _builtins.bool
+        """The device's last status call succeeded."""
+        rate_bps: _builtins.float
+        """Key bits per second the device made over the poller's window; negative
+        when not measured yet.
+        """
+        stored_keys: _builtins.int
+        max_keys: _builtins.int
+        def __init__(
+            self,
+            *,
+            link_id: _builtins.str = ...,
+            reachable: _builtins.bool = ...,
+            rate_bps: _builtins.float = ...,
+            stored_keys: _builtins.int = ...,
+            max_keys: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["link_id", b"link_id", "max_keys", b"max_keys", "rate_bps", b"rate_bps", "reachable", b"reachable", "stored_keys", b"stored_keys"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NEIGHBOURS_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def neighbours(self) -> _containers.RepeatedCompositeFieldContainer[Global___LocalState.Neighbour]: ...
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___LocalState.Device]: ...
+    def __init__(
+        self,
+        *,
+        neighbours: _abc.Iterable[Global___LocalState.Neighbour] | None = ...,
+        devices: _abc.Iterable[Global___LocalState.Device] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "neighbours", b"neighbours"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocalState: _TypeAlias = LocalState  # noqa: Y015
+
+@_typing.final
+class LinkStateSyncRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_NODE_ID_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    HEADERS_ONLY_FIELD_NUMBER: _builtins.int
+    from_node_id: _builtins.str
+    """The neighbour asking (from its certificate)."""
+    headers_only: _builtins.bool
+    """Only this node's headers, no records (the relay's first step of a sync)."""
+    @_builtins.property
+    def headers(self) -> _containers.RepeatedCompositeFieldContainer[_linkstate_pb2.LinkStateHeader]:
+        """The records it holds."""
+
+    def __init__(
+        self,
+        *,
+        from_node_id: _builtins.str = ...,
+        headers: _abc.Iterable[_linkstate_pb2.LinkStateHeader] | None = ...,
+        headers_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_node_id", b"from_node_id", "headers", b"headers", "headers_only", b"headers_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkStateSyncRequest: _TypeAlias = LinkStateSyncRequest  # noqa: Y015
+
+@_typing.final
+class LinkStateSyncResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[_linkstate_pb2.SignedLinkState]:
+        """Records held here that the asker lacks or holds an older version of."""
+
+    @_builtins.property
+    def headers(self) -> _containers.RepeatedCompositeFieldContainer[_linkstate_pb2.LinkStateHeader]:
+        """The records held here, so the asker can send what this node lacks."""
+
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[_linkstate_pb2.SignedLinkState] | None = ...,
+        headers: _abc.Iterable[_linkstate_pb2.LinkStateHeader] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkStateSyncResponse: _TypeAlias = LinkStateSyncResponse  # noqa: Y015
+
+@_typing.final
+class LinkStateDatabaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkStateDatabaseRequest: _TypeAlias = LinkStateDatabaseRequest  # noqa: Y015
+
+@_typing.final
+class LinkStateDatabaseView(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Entry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        RECORD_FIELD_NUMBER: _builtins.int
+        AGE_SECONDS_FIELD_NUMBER: _builtins.int
+        SIGNATURE_FIELD_NUMBER: _builtins.int
+        RECEIVED_FROM_FIELD_NUMBER: _builtins.int
+        age_seconds: _builtins.float
+        """Seconds since the origin signed it."""
+        signature: _builtins.str
+        """"verified: ML-DSA-65, certificate CN=<origin> issued by <CA subject>"."""
+        received_from: _builtins.str
+        """The neighbour it last came from ("" for this node's own record)."""
+        @_builtins.property
+        def record(self) -> _linkstate_pb2.LinkStateRecord:
+            """The record as verified (its signed bytes parsed)."""
+
+        def __init__(
+            self,
+            *,
+            record: _linkstate_pb2.LinkStateRecord | None = ...,
+            age_seconds: _builtins.float = ...,
+            signature: _builtins.str = ...,
+            received_from: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["age_seconds", b"age_seconds", "received_from", b"received_from", "record", b"record", "signature", b"signature"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Refused(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        FROM_NODE_ID_FIELD_NUMBER: _builtins.int
+        ORIGIN_NODE_ID_FIELD_NUMBER: _builtins.int
+        SEQUENCE_FIELD_NUMBER: _builtins.int
+        REASON_FIELD_NUMBER: _builtins.int
+        SECONDS_AGO_FIELD_NUMBER: _builtins.int
+        COUNT_FIELD_NUMBER: _builtins.int
+        from_node_id: _builtins.str
+        origin_node_id: _builtins.str
+        sequence: _builtins.int
+        reason: _builtins.str
+        """"bad signature", "replayed: sequence 7 not above 9 held", ..."""
+        seconds_ago: _builtins.float
+        count: _builtins.int
+        def __init__(
+            self,
+            *,
+            from_node_id: _builtins.str = ...,
+            origin_node_id: _builtins.str = ...,
+            sequence: _builtins.int = ...,
+            reason: _builtins.str = ...,
+            seconds_ago: _builtins.float = ...,
+            count: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "from_node_id", b"from_node_id", "origin_node_id", b"origin_node_id", "reason", b"reason", "seconds_ago", b"seconds_ago", "sequence", b"sequence"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SELF_NODE_ID_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    LINKS_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    self_node_id: _builtins.str
+    mode: _builtins.str
+    """"learned" (signed link state) or "configured" (a topology file)."""
+    digest: _builtins.str
+    version: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinkStateDatabaseView.Entry]: ...
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinkStateDatabaseView.Refused]: ...
+    @_builtins.property
+    def links(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinkState]:
+        """The links routing uses now (both ends up), with their costs."""
+
+    def __init__(
+        self,
+        *,
+        self_node_id: _builtins.str = ...,
+        mode: _builtins.str = ...,
+        entries: _abc.Iterable[Global___LinkStateDatabaseView.Entry] | None = ...,
+        refused: _abc.Iterable[Global___LinkStateDatabaseView.Refused] | None = ...,
+        links: _abc.Iterable[Global___LinkState] | None = ...,
+        digest: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "entries", b"entries", "links", b"links", "mode", b"mode", "refused", b"refused", "self_node_id", b"self_node_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkStateDatabaseView: _TypeAlias = LinkStateDatabaseView  # noqa: Y015
 
 @_typing.final
 class WatchRequest(_message.Message):
@@ -146,7 +485,9 @@ class ForwardingTable(_message.Message):
 
     @_builtins.property
     def saes(self) -> _containers.RepeatedCompositeFieldContainer[Global___SaeInfo]:
-        """Which node serves each SAE (configured today; a later version learns it)."""
+        """Which node serves each SAE: configured, or learned from the SAEs each
+        node's link-state record names.
+        """
 
     def __init__(
         self,
@@ -205,6 +546,7 @@ class Hop(_message.Message):
     LINK_ID_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
+    ENDS_FIELD_NUMBER: _builtins.int
     from_node_id: _builtins.str
     """The node the hop leaves (nearer the source)."""
     to_node_id: _builtins.str
@@ -215,6 +557,12 @@ class Hop(_message.Message):
     """That link's kind."""
     cost: _builtins.float
     """That link's current cost."""
+    @_builtins.property
+    def ends(self) -> _containers.RepeatedCompositeFieldContainer[Global___AnnouncedEnd]:
+        """What each end announced about the link (learned link state; only in
+        RouteResponse, empty with configured routes): the cost terms.
+        """
+
     def __init__(
         self,
         *,
@@ -223,14 +571,38 @@ class Hop(_message.Message):
         link_id: _builtins.str = ...,
         kind: _common_pb2.LinkKind.ValueType = ...,
         cost: _builtins.float = ...,
+        ends: _abc.Iterable[Global___AnnouncedEnd] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "from_node_id", b"from_node_id", "kind", b"kind", "link_id", b"link_id", "to_node_id", b"to_node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "ends", b"ends", "from_node_id", b"from_node_id", "kind", b"kind", "link_id", b"link_id", "to_node_id", b"to_node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Hop: _TypeAlias = Hop  # noqa: Y015
+
+@_typing.final
+class AnnouncedEnd(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    LINK_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    @_builtins.property
+    def link(self) -> _linkstate_pb2.AnnouncedLink: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        link: _linkstate_pb2.AnnouncedLink | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["link", b"link"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["link", b"link", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnnouncedEnd: _TypeAlias = AnnouncedEnd  # noqa: Y015
 
 @_typing.final
 class RouteResponse(_message.Message):
@@ -321,12 +693,17 @@ class LinkState(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     UP_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
+    OVERRIDDEN_FIELD_NUMBER: _builtins.int
     link_id: _builtins.str
     a_node_id: _builtins.str
     b_node_id: _builtins.str
     kind: _common_pb2.LinkKind.ValueType
     up: _builtins.bool
     cost: _builtins.float
+    overridden: _builtins.bool
+    """Held down or re-costed by an operator here (kmstn link), over what is
+    configured or learned.
+    """
     def __init__(
         self,
         *,
@@ -336,10 +713,11 @@ class LinkState(_message.Message):
         kind: _common_pb2.LinkKind.ValueType = ...,
         up: _builtins.bool = ...,
         cost: _builtins.float = ...,
+        overridden: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["a_node_id", b"a_node_id", "b_node_id", b"b_node_id", "cost", b"cost", "kind", b"kind", "link_id", b"link_id", "up", b"up"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["a_node_id", b"a_node_id", "b_node_id", b"b_node_id", "cost", b"cost", "kind", b"kind", "link_id", b"link_id", "overridden", b"overridden", "up", b"up"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -54,6 +54,26 @@ class RoutingStub:
                 request_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.WatchRequest.SerializeToString,
                 response_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.ForwardingTable.FromString,
                 _registered_method=True)
+        self.SubmitLinkState = channel.unary_unary(
+                '/kme.rpc.v1.Routing/SubmitLinkState',
+                request_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.SubmitLinkStateRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.FloodInstructions.FromString,
+                _registered_method=True)
+        self.ReportLocalState = channel.unary_unary(
+                '/kme.rpc.v1.Routing/ReportLocalState',
+                request_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.LocalState.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.FloodInstructions.FromString,
+                _registered_method=True)
+        self.LinkStateSync = channel.unary_unary(
+                '/kme.rpc.v1.Routing/LinkStateSync',
+                request_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.LinkStateSyncRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.LinkStateSyncResponse.FromString,
+                _registered_method=True)
+        self.LinkStateDatabase = channel.unary_unary(
+                '/kme.rpc.v1.Routing/LinkStateDatabase',
+                request_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.LinkStateDatabaseRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.LinkStateDatabaseView.FromString,
+                _registered_method=True)
 
 
 class RoutingServicer:
@@ -93,6 +113,43 @@ class RoutingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitLinkState(self, request, context):
+        """-- link state (called by this node's relay, the node-to-node channel) --
+
+        Records a neighbour sent (RelayPeer.Flood): each is verified here and
+        kept if newer than the one held; the answer says which records go on to
+        which neighbours. A record that fails verification is dropped, logged
+        with the sender's node ID, and never used.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportLocalState(self, request, context):
+        """What the relay observes of this node's own links now (neighbours
+        answering hellos, devices answering, measured key rates). May sign a new
+        record of this node (and ages records out); the answer says where to send it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LinkStateSync(self, request, context):
+        """Anti-entropy between neighbours: the records held here that a neighbour
+        with these headers lacks (or holds older), and this node's own headers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LinkStateDatabase(self, request, context):
+        """The database as this node sees it: every record with its origin, age and
+        signature status, the records refused lately and why, and the graph.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RoutingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +172,26 @@ def add_RoutingServicer_to_server(servicer, server):
                     servicer.WatchTable,
                     request_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.WatchRequest.FromString,
                     response_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.ForwardingTable.SerializeToString,
+            ),
+            'SubmitLinkState': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitLinkState,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.SubmitLinkStateRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.FloodInstructions.SerializeToString,
+            ),
+            'ReportLocalState': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportLocalState,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.LocalState.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.FloodInstructions.SerializeToString,
+            ),
+            'LinkStateSync': grpc.unary_unary_rpc_method_handler(
+                    servicer.LinkStateSync,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.LinkStateSyncRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.LinkStateSyncResponse.SerializeToString,
+            ),
+            'LinkStateDatabase': grpc.unary_unary_rpc_method_handler(
+                    servicer.LinkStateDatabase,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_routing__pb2.LinkStateDatabaseRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_routing__pb2.LinkStateDatabaseView.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +302,114 @@ class Routing:
             '/kme.rpc.v1.Routing/WatchTable',
             kme_dot_rpc_dot_v1_dot_routing__pb2.WatchRequest.SerializeToString,
             kme_dot_rpc_dot_v1_dot_routing__pb2.ForwardingTable.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitLinkState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kme.rpc.v1.Routing/SubmitLinkState',
+            kme_dot_rpc_dot_v1_dot_routing__pb2.SubmitLinkStateRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_routing__pb2.FloodInstructions.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLocalState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kme.rpc.v1.Routing/ReportLocalState',
+            kme_dot_rpc_dot_v1_dot_routing__pb2.LocalState.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_routing__pb2.FloodInstructions.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LinkStateSync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kme.rpc.v1.Routing/LinkStateSync',
+            kme_dot_rpc_dot_v1_dot_routing__pb2.LinkStateSyncRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_routing__pb2.LinkStateSyncResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LinkStateDatabase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kme.rpc.v1.Routing/LinkStateDatabase',
+            kme_dot_rpc_dot_v1_dot_routing__pb2.LinkStateDatabaseRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_routing__pb2.LinkStateDatabaseView.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,12 +3,18 @@
 isort:skip_file
 Routing: where a key for a given SAE goes next (paper IV-D, made dynamic).
 
-Each node's routing service holds the federation topology as a weighted
-graph and answers shortest paths from its own node with Dijkstra
-(scipy.sparse.csgraph, one source at a time). Link state can change at run
-time; the next Route call sees the change. The other services of the node
-do not hold the graph: they follow the forwarding table the service pushes
-(WatchTable), so only the routing process carries scipy.
+Each node's routing service holds the federation as a weighted graph and
+answers shortest paths from its own node with Dijkstra
+(scipy.sparse.csgraph, one source at a time). With a per-node file the
+graph is learned: the service keeps the database of signed link-state
+records (kme/rpc/v1/linkstate.proto) that the node's relay receives from
+its neighbours, verifies each record before use, and builds the graph from
+the links both ends announce up. With a node file that names a topology
+file (a lab convenience) the graph is that file's, as configured. Link
+state can change at run time; the next Route call sees the change. The
+other services of the node do not hold the graph: they follow the
+forwarding table the service pushes (WatchTable), so only the routing
+process carries scipy.
 """
 
 from collections import abc as _abc
@@ -55,6 +61,27 @@ class RoutingStub:
     route costs no RPC and no graph code, while link changes still take
     effect as soon as the new table is pushed.
     """
+    SubmitLinkState: _grpc.UnaryUnaryMultiCallable[_routing_pb2.SubmitLinkStateRequest, _routing_pb2.FloodInstructions]
+    """-- link state (called by this node's relay, the node-to-node channel) --
+
+    Records a neighbour sent (RelayPeer.Flood): each is verified here and
+    kept if newer than the one held; the answer says which records go on to
+    which neighbours. A record that fails verification is dropped, logged
+    with the sender's node ID, and never used.
+    """
+    ReportLocalState: _grpc.UnaryUnaryMultiCallable[_routing_pb2.LocalState, _routing_pb2.FloodInstructions]
+    """What the relay observes of this node's own links now (neighbours
+    answering hellos, devices answering, measured key rates). May sign a new
+    record of this node (and ages records out); the answer says where to send it.
+    """
+    LinkStateSync: _grpc.UnaryUnaryMultiCallable[_routing_pb2.LinkStateSyncRequest, _routing_pb2.LinkStateSyncResponse]
+    """Anti-entropy between neighbours: the records held here that a neighbour
+    with these headers lacks (or holds older), and this node's own headers.
+    """
+    LinkStateDatabase: _grpc.UnaryUnaryMultiCallable[_routing_pb2.LinkStateDatabaseRequest, _routing_pb2.LinkStateDatabaseView]
+    """The database as this node sees it: every record with its origin, age and
+    signature status, the records refused lately and why, and the graph.
+    """
 
 @_typing.type_check_only
 class RoutingAsyncStub(RoutingStub):
@@ -74,6 +101,27 @@ class RoutingAsyncStub(RoutingStub):
     flows, the relay) answer routes from the latest table in memory, so a
     route costs no RPC and no graph code, while link changes still take
     effect as soon as the new table is pushed.
+    """
+    SubmitLinkState: _aio.UnaryUnaryMultiCallable[_routing_pb2.SubmitLinkStateRequest, _routing_pb2.FloodInstructions]  # type: ignore[assignment]
+    """-- link state (called by this node's relay, the node-to-node channel) --
+
+    Records a neighbour sent (RelayPeer.Flood): each is verified here and
+    kept if newer than the one held; the answer says which records go on to
+    which neighbours. A record that fails verification is dropped, logged
+    with the sender's node ID, and never used.
+    """
+    ReportLocalState: _aio.UnaryUnaryMultiCallable[_routing_pb2.LocalState, _routing_pb2.FloodInstructions]  # type: ignore[assignment]
+    """What the relay observes of this node's own links now (neighbours
+    answering hellos, devices answering, measured key rates). May sign a new
+    record of this node (and ages records out); the answer says where to send it.
+    """
+    LinkStateSync: _aio.UnaryUnaryMultiCallable[_routing_pb2.LinkStateSyncRequest, _routing_pb2.LinkStateSyncResponse]  # type: ignore[assignment]
+    """Anti-entropy between neighbours: the records held here that a neighbour
+    with these headers lacks (or holds older), and this node's own headers.
+    """
+    LinkStateDatabase: _aio.UnaryUnaryMultiCallable[_routing_pb2.LinkStateDatabaseRequest, _routing_pb2.LinkStateDatabaseView]  # type: ignore[assignment]
+    """The database as this node sees it: every record with its origin, age and
+    signature status, the records refused lately and why, and the graph.
     """
 
 class RoutingServicer(metaclass=_abc_1.ABCMeta):
@@ -115,6 +163,51 @@ class RoutingServicer(metaclass=_abc_1.ABCMeta):
         flows, the relay) answer routes from the latest table in memory, so a
         route costs no RPC and no graph code, while link changes still take
         effect as soon as the new table is pushed.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitLinkState(
+        self,
+        request: _routing_pb2.SubmitLinkStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_routing_pb2.FloodInstructions, _abc.Awaitable[_routing_pb2.FloodInstructions]]:
+        """-- link state (called by this node's relay, the node-to-node channel) --
+
+        Records a neighbour sent (RelayPeer.Flood): each is verified here and
+        kept if newer than the one held; the answer says which records go on to
+        which neighbours. A record that fails verification is dropped, logged
+        with the sender's node ID, and never used.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportLocalState(
+        self,
+        request: _routing_pb2.LocalState,
+        context: _ServicerContext,
+    ) -> _typing.Union[_routing_pb2.FloodInstructions, _abc.Awaitable[_routing_pb2.FloodInstructions]]:
+        """What the relay observes of this node's own links now (neighbours
+        answering hellos, devices answering, measured key rates). May sign a new
+        record of this node (and ages records out); the answer says where to send it.
+        """
+
+    @_abc_1.abstractmethod
+    def LinkStateSync(
+        self,
+        request: _routing_pb2.LinkStateSyncRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_routing_pb2.LinkStateSyncResponse, _abc.Awaitable[_routing_pb2.LinkStateSyncResponse]]:
+        """Anti-entropy between neighbours: the records held here that a neighbour
+        with these headers lacks (or holds older), and this node's own headers.
+        """
+
+    @_abc_1.abstractmethod
+    def LinkStateDatabase(
+        self,
+        request: _routing_pb2.LinkStateDatabaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_routing_pb2.LinkStateDatabaseView, _abc.Awaitable[_routing_pb2.LinkStateDatabaseView]]:
+        """The database as this node sees it: every record with its origin, age and
+        signature status, the records refused lately and why, and the graph.
         """
 
 def add_RoutingServicer_to_server(servicer: RoutingServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
