@@ -14,7 +14,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from gateway.deps import Edge
-from gateway.errors import etsi014_error, etsi020_problem
+from gateway.errors import etsi014_error, etsi014_headers, etsi020_problem
 from kme import log as kmelog
 from kme import metrics as kmetrics
 from kme.config import NodeConfig
@@ -50,7 +50,9 @@ def create_app(api: Api, config: NodeConfig, edge: Edge) -> Flask:
 
         def render(exc: KmstnError) -> Response:
             status, body = etsi014_error(exc)
-            return json_response(body, status)
+            resp = json_response(body, status)
+            resp.headers.update(etsi014_headers(exc))
+            return resp
     else:
         from gateway.etsi020.views import blueprint
 

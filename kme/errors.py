@@ -24,6 +24,7 @@ import grpc
 __all__ = [
     "ERROR_CODE_METADATA_KEY",
     "ERROR_REASON_METADATA_KEY",
+    "RETRY_AFTER_METADATA_KEY",
     "ErrorCode",
     "ErrorInterceptor",
     "KmstnError",
@@ -32,6 +33,9 @@ __all__ = [
 
 ERROR_CODE_METADATA_KEY = "kmstn-error-code"
 ERROR_REASON_METADATA_KEY = "kmstn-error-reason"
+# Seconds after which the request may succeed (over quota, key still scarce):
+# the 014 gateway answers it as the HTTP Retry-After header.
+RETRY_AFTER_METADATA_KEY = "kmstn-retry-after-s"
 
 
 class ErrorCode(enum.Enum):
@@ -59,6 +63,8 @@ class ErrorCode(enum.Enum):
     UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
     # Too little key material stored to satisfy a valid request.
     INSUFFICIENT_KEY = grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The SAE (or SAE pair) has used its key quota for now (issue 11).
+    OVER_QUOTA = grpc.StatusCode.RESOURCE_EXHAUSTED
     # No path to the destination with the links that are up.
     NO_ROUTE = grpc.StatusCode.UNAVAILABLE
     # The route would send the key straight back to the node it came from.
@@ -95,16 +101,18 @@ class KmstnError(Exception):
     ``reason`` is an optional machine-readable refinement of the code (for
     example ``missing_parameters`` or ``no_known_route``): the ETSI 020 layer
     uses it as the problem-details key, and it travels across gRPC with the
-    code.
+    code. ``retry_after_s``: when the request may succeed if sent again (key
+    scarce, quota used up); it travels too and becomes ``Retry-After``.
     """
 
     def __init__(self, code: ErrorCode, public: str, *, cause: str | None = None,
-                 reason: str | None = None) -> None:
+                 reason: str | None = None, retry_after_s: int | None = None) -> None:
         super().__init__(public)
         self.code = code
         self.public = public
         self.cause = cause
         self.reason = reason
+        self.retry_after_s = retry_after_s
 
     def __repr__(self) -> str:
         return f"KmstnError({self.code.name}, {self.public!r})"
@@ -114,12 +122,15 @@ def from_rpc_error(err: grpc.RpcError) -> KmstnError:
     """Turn a failed gRPC call back into the KmstnError the server raised."""
     code: ErrorCode | None = None
     reason: str | None = None
+    retry_after: int | None = None
     trailing: Any = getattr(err, "trailing_metadata", lambda: None)() or ()
     for key, value in trailing:
         if key == ERROR_CODE_METADATA_KEY and value in ErrorCode.__members__:
             code = ErrorCode[value]
         elif key == ERROR_REASON_METADATA_KEY:
             reason = str(value)
+        elif key == RETRY_AFTER_METADATA_KEY and str(value).isdigit():
+            retry_after = int(value)
     status: Any = getattr(err, "code", lambda: None)()
     details: Any = getattr(err, "details", lambda: None)()
     if code is None:
@@ -133,7 +144,8 @@ def from_rpc_error(err: grpc.RpcError) -> KmstnError:
             )
         # Transport failures carry library text; keep it private.
         return KmstnError(code, "internal service unavailable", cause=str(details))
-    return KmstnError(code, str(details or code.name), reason=reason)
+    return KmstnError(code, str(details or code.name), reason=reason,
+                      retry_after_s=retry_after)
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
@@ -169,6 +181,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 metadata = [(ERROR_CODE_METADATA_KEY, exc.code.name)]
                 if exc.reason:
                     metadata.append((ERROR_REASON_METADATA_KEY, exc.reason))
+                if exc.retry_after_s is not None:
+                    metadata.append((RETRY_AFTER_METADATA_KEY, str(exc.retry_after_s)))
                 context.set_trailing_metadata(tuple(metadata))
                 context.abort(exc.code.grpc_status, exc.public)
             except Exception:

@@ -40,7 +40,10 @@ __all__ = [
     "QkdDeviceAccess",
     "QkdLink",
     "QkdSimSettings",
+    "QuotaSettings",
     "RelaySettings",
+    "StockSettings",
+    "SupplySettings",
     "TlsFiles",
     "Topology",
     "TpmMode",
@@ -261,6 +264,59 @@ class RelaySettings:
     qkd_reserve: int = 8
 
 
+@dataclass(frozen=True, slots=True)
+class StockSettings:
+    """A key stock toward one destination KMSTN (issue 11), filled for named SAE pairs.
+
+    Each (master, slave) pair has its own stock: the slave's node holds each
+    stocked key for exactly that slave, as it holds any relayed key.
+    """
+
+    destination: NodeId
+    pairs: tuple[tuple[SaeId, SaeId], ...]
+    # Most keys held per pair; a fill tops the stock up to it.
+    keys: int = 64
+    # Fraction of the source QKD link's measured key rate fills may use.
+    share: float = 0.5
+    # Keys per fill message (one relay, one QKD hop key per QKD hop).
+    batch: int = 16
+    # A stocked key is handed out at most this long after its fill, then
+    # voided at the destination; keep it below the destination's key_ttl_s.
+    ttl_s: int = 3600
+    key_size: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaSettings:
+    """A token bucket on key bits for one master SAE, or one (master, slave) pair."""
+
+    sae: SaeId
+    rate_bps: float
+    burst_bits: int
+    slave: SaeId | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SupplySettings:
+    """How this node matches key supply to demand (issue 11); the defaults are today's
+    behaviour: no stocks, no quotas, a Get key that finds too little key fails at once."""
+
+    # How long a Get key waits for key when too little is at hand (0: fail
+    # at once). The 014 gateway's relay_timeout_ms must exceed it.
+    wait_ms: int = 0
+    # Deficit round robin quantum: key bits each waiting SAE may take per round.
+    quantum_bits: int = 256
+    # How often the relay reads its devices' stored_key_count while requests
+    # wait or stocks fill (the arrival of key wakes them).
+    poll_ms: int = 50
+    stocks: tuple[StockSettings, ...] = ()
+    quotas: tuple[QuotaSettings, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.wait_ms or self.stocks or self.quotas)
+
+
 MetricsService = Literal["routing", "keyvault", "relay", "etsi014", "etsi020"]
 
 # Where each process of a node serves its Prometheus metrics by default: one
@@ -312,6 +368,7 @@ class NodeConfig:
     relay: RelaySettings
     qkd_devices: Mapping[str, QkdDeviceAccess]
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    supply: SupplySettings = field(default_factory=SupplySettings)
 
     @property
     def metrics_host(self) -> str:
