@@ -287,10 +287,10 @@ def stock_from_proto(msg: keyvault_pb2.StockId, what: str = "stock") -> StockId:
 
 def stock_entry_to_proto(e: StockEntry) -> keyvault_pb2.StockEntry:
     return keyvault_pb2.StockEntry(key_id=str(e.key_id), stock=stock_to_proto(e.stock),
-                                   size_bits=e.size_bits, ready=e.ready,
+                                   size_bits=e.size_bits, state=e.state,
                                    expires_at=timestamp_from_datetime(e.expires_at))
 
 
 def stock_entry_from_proto(msg: keyvault_pb2.StockEntry) -> StockEntry:
     return StockEntry(parse_key_id(msg.key_id), stock_from_proto(msg.stock), msg.size_bits,
-                      msg.ready, datetime_from_timestamp(msg.expires_at, "expires_at"))
+                      msg.state, datetime_from_timestamp(msg.expires_at, "expires_at"))

@@ -4,9 +4,11 @@ A stock's keys are recorded *pending* before their fill leaves this node
 and settled *ready* once the destination acknowledged storing them, so a
 ready key is always held at the destination for the stock's slaves (ETSI
 014 confirmed mode: any key ID a master gets is retrievable by its slave).
-A take hands each ready key out once, oldest first, and deletes it in the
-same transaction. Pending keys are never handed out: after a crash the
-relay voids them at the destination and deletes them here.
+A take hands each ready key out once, oldest first, and in the same
+transaction marks it *handed* and deletes its bytes (the entry stays until
+it expires, so the two ends of a stock can be compared). Pending keys are
+never handed out: after a crash the relay voids them at the destination and
+deletes them here.
 
 Each record is sealed like a key record, with the stock (destination,
 master, slaves) bound into its associated data, so a record moved to another
@@ -28,6 +30,9 @@ from kme.types import Key, StockEntry, StockId
 __all__ = ["identity", "list_entries", "put", "settle", "take"]
 
 _ORIGIN_PREFIX = "stock>"
+# The ``ready`` column holds the state.
+PENDING, READY, HANDED = 0, 1, 2
+STATES = {PENDING: "pending", READY: "ready", HANDED: "handed"}
 
 
 def identity(stock: StockId, key_id: uuid.UUID, size_bits: int) -> RecordIdentity:
@@ -68,8 +73,8 @@ def settle(conn: Any, key_ids: Sequence[uuid.UUID], ready: bool) -> int:
         return 0
     chosen = "key_id IN (SELECT value FROM json_each(?))"
     if ready:
-        cur = conn.execute(f"UPDATE stock SET ready = 1 WHERE ready = 0 AND {chosen}",  # noqa: S608 - constant text
-                           (id_list(ids),))
+        cur = conn.execute(f"UPDATE stock SET ready = {READY} WHERE ready = {PENDING} "  # noqa: S608 - constant text
+                           f"AND {chosen}", (id_list(ids),))
     else:
         cur = conn.execute(f"DELETE FROM stock WHERE {chosen}", (id_list(ids),))  # noqa: S608
     return int(cur.rowcount)
@@ -77,10 +82,13 @@ def settle(conn: Any, key_ids: Sequence[uuid.UUID], ready: bool) -> int:
 
 def take(conn: Any, cipher: RecordCipher, stock: StockId, number: int, size_bits: int,
          now_us: int) -> list[Key]:
-    """``number`` ready, unexpired keys of ``size_bits``, oldest first, deleted; all or none."""
+    """``number`` ready, unexpired keys of ``size_bits``, oldest first; all or none.
+
+    They are marked handed and their bytes deleted in the same transaction.
+    """
     rows = conn.execute(
-        "SELECT key_id, record FROM stock WHERE destination = ? AND master = ? AND slaves = ? "
-        "AND ready = 1 AND size_bits = ? AND expires_us > ? ORDER BY seq LIMIT ?",
+        "SELECT key_id, record FROM stock WHERE destination = ? AND master = ? AND slaves = ? "  # noqa: S608
+        f"AND ready = {READY} AND size_bits = ? AND expires_us > ? ORDER BY seq LIMIT ?",
         (stock.destination, stock.master, _slaves(stock), size_bits, now_us, number)).fetchall()
     if len(rows) < number:
         raise KmstnError(ErrorCode.INSUFFICIENT_KEY,
@@ -89,7 +97,8 @@ def take(conn: Any, cipher: RecordCipher, stock: StockId, number: int, size_bits
     for key_id, record in rows:
         kid = uuid.UUID(key_id)
         keys.append(Key(kid, cipher.open(identity(stock, kid, size_bits), record), size_bits))
-    settle(conn, [k.key_id for k in keys], ready=False)
+    conn.execute(f"UPDATE stock SET ready = {HANDED}, record = X'' WHERE key_id IN "  # noqa: S608
+                 "(SELECT value FROM json_each(?))", (id_list([str(k.key_id) for k in keys]),))
     return keys
 
 
@@ -99,4 +108,4 @@ def list_entries(conn: Any, limit: int = 0) -> list[StockEntry]:
     rows = conn.execute(sql + (" LIMIT ?" if limit else ""),
                         (limit,) if limit else ()).fetchall()
     return [StockEntry(uuid.UUID(r[0]), StockId(r[1], r[2], tuple(json.loads(r[3]))),
-                       int(r[4]), bool(r[5]), from_us(int(r[6]))) for r in rows]
+                       int(r[4]), STATES[int(r[5])], from_us(int(r[6]))) for r in rows]

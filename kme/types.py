@@ -371,5 +371,7 @@ class StockEntry:
     key_id: uuid.UUID
     stock: StockId
     size_bits: int
-    ready: bool  # False: its fill is still in flight (or was cut by a crash)
+    # "pending": its fill is in flight (or was cut by a crash); "ready": held
+    # at the destination too; "handed": given to the master (no bytes kept).
+    state: str
     expires_at: datetime

@@ -249,12 +249,12 @@ def _read_supply(t: Table, topology: Topology, node: Kmstn,
         sae = q.text("sae")
         if topology.saes.get(SaeId(sae)) != node.id:
             raise q.error("sae", f"SAE {sae!r} is not served by {node.id}")
-        slave: str = q.text("slave", "")
-        if slave and slave not in topology.saes:
-            raise q.error("slave", f"SAE {slave!r} is not in the topology")
+        peer = str(q.text("slave", ""))
+        if peer and peer not in topology.saes:
+            raise q.error("slave", f"SAE {peer!r} is not in the topology")
         quotas.append(QuotaSettings(SaeId(sae), q.number("rate_bps"),
                                     q.integer("burst_bits", lo=1),
-                                    SaeId(slave) if slave else None))
+                                    SaeId(peer) if peer else None))
         q.close()
     supply = SupplySettings(wait_ms=wait_ms, quantum_bits=t.integer("quantum_bits", lo=1),
                             poll_ms=t.integer("poll_ms", lo=5, hi=60_000),

@@ -884,11 +884,15 @@ class StockEntry(_message.Message):
     KEY_ID_FIELD_NUMBER: _builtins.int
     STOCK_FIELD_NUMBER: _builtins.int
     SIZE_BITS_FIELD_NUMBER: _builtins.int
-    READY_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     size_bits: _builtins.int
-    ready: _builtins.bool
+    state: _builtins.str
+    """"pending" (its fill is in flight, or was cut by a crash), "ready" (held
+    at the destination, not handed out yet) or "handed" (given to the
+    master; kept without bytes until it expires, so both ends can be compared).
+    """
     @_builtins.property
     def stock(self) -> Global___StockId: ...
     @_builtins.property
@@ -899,12 +903,12 @@ class StockEntry(_message.Message):
         key_id: _builtins.str = ...,
         stock: Global___StockId | None = ...,
         size_bits: _builtins.int = ...,
-        ready: _builtins.bool = ...,
+        state: _builtins.str = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "stock", b"stock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "key_id", b"key_id", "ready", b"ready", "size_bits", b"size_bits", "stock", b"stock"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "key_id", b"key_id", "size_bits", b"size_bits", "state", b"state", "stock", b"stock"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

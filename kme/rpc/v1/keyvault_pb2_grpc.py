@@ -222,7 +222,7 @@ class KeyVaultServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StockSettle(self, request, context):
-        """Mark pending keys ready, or delete keys (pending or ready).
+        """Mark pending keys ready, or delete entries (whatever their state).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -230,8 +230,8 @@ class KeyVaultServicer:
 
     def StockTake(self, request, context):
         """Take ``number`` ready, unexpired keys of one stock, all or none
-        (RESOURCE_EXHAUSTED when fewer are ready); they are deleted in the same
-        transaction that returns them.
+        (RESOURCE_EXHAUSTED when fewer are ready); the same transaction that
+        returns them marks them handed and deletes their bytes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -102,11 +102,11 @@ class KeyVaultStub:
     Record keys of one stock as pending (all or none).
     """
     StockSettle: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.StockSettleRequest, _keyvault_pb2.StockSettleResponse]
-    """Mark pending keys ready, or delete keys (pending or ready)."""
+    """Mark pending keys ready, or delete entries (whatever their state)."""
     StockTake: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.StockTakeRequest, _keyvault_pb2.StockTakeResponse]
     """Take ``number`` ready, unexpired keys of one stock, all or none
-    (RESOURCE_EXHAUSTED when fewer are ready); they are deleted in the same
-    transaction that returns them.
+    (RESOURCE_EXHAUSTED when fewer are ready); the same transaction that
+    returns them marks them handed and deletes their bytes.
     """
     StockList: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.StockListRequest, _keyvault_pb2.StockListResponse]
     """Every stock entry, without bytes (levels, recovery after a restart,
@@ -182,11 +182,11 @@ class KeyVaultAsyncStub(KeyVaultStub):
     Record keys of one stock as pending (all or none).
     """
     StockSettle: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.StockSettleRequest, _keyvault_pb2.StockSettleResponse]  # type: ignore[assignment]
-    """Mark pending keys ready, or delete keys (pending or ready)."""
+    """Mark pending keys ready, or delete entries (whatever their state)."""
     StockTake: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.StockTakeRequest, _keyvault_pb2.StockTakeResponse]  # type: ignore[assignment]
     """Take ``number`` ready, unexpired keys of one stock, all or none
-    (RESOURCE_EXHAUSTED when fewer are ready); they are deleted in the same
-    transaction that returns them.
+    (RESOURCE_EXHAUSTED when fewer are ready); the same transaction that
+    returns them marks them handed and deletes their bytes.
     """
     StockList: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.StockListRequest, _keyvault_pb2.StockListResponse]  # type: ignore[assignment]
     """Every stock entry, without bytes (levels, recovery after a restart,
@@ -331,7 +331,7 @@ class KeyVaultServicer(metaclass=_abc_1.ABCMeta):
         request: _keyvault_pb2.StockSettleRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keyvault_pb2.StockSettleResponse, _abc.Awaitable[_keyvault_pb2.StockSettleResponse]]:
-        """Mark pending keys ready, or delete keys (pending or ready)."""
+        """Mark pending keys ready, or delete entries (whatever their state)."""
 
     @_abc_1.abstractmethod
     def StockTake(
@@ -340,8 +340,8 @@ class KeyVaultServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keyvault_pb2.StockTakeResponse, _abc.Awaitable[_keyvault_pb2.StockTakeResponse]]:
         """Take ``number`` ready, unexpired keys of one stock, all or none
-        (RESOURCE_EXHAUSTED when fewer are ready); they are deleted in the same
-        transaction that returns them.
+        (RESOURCE_EXHAUSTED when fewer are ready); the same transaction that
+        returns them marks them handed and deletes their bytes.
         """
 
     @_abc_1.abstractmethod
