@@ -35,6 +35,7 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,8 @@ from kme.pqtls import PeerHttpClient
 from lab.pki import CertificateAuthority, Issued, issue_for_topology
 from lab.qkdsim.config import sim_healthy, write_sim_config
 
-__all__ = ["Federation", "FederationError", "ServiceSpec", "group_alive", "group_members"]
+__all__ = ["Federation", "FederationError", "ServiceSpec", "group_alive", "group_members",
+           "read_node_settings"]
 
 GRPC_SERVICES: Final[tuple[Literal["routing", "keyvault", "relay"], ...]] = (
     "routing", "keyvault", "relay")
@@ -80,6 +82,10 @@ class ServiceSpec:
 
 
 def _toml(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + "}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -134,15 +140,30 @@ def _https_healthy(host: str, port: int, ca: Path, cert: Issued, path: str = "/h
         return False
 
 
+def read_node_settings(path: str | Path | None) -> dict[str, dict[str, dict[str, Any]]]:
+    """Node-file tables to add per node: ``[KMSTN1.supply]``, ``["*".gateway]``."""
+    if path is None:
+        return {}
+    with Path(path).open("rb") as fh:
+        doc = tomllib.load(fh)
+    for node, tables in doc.items():
+        if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+            raise FederationError(str(path), f"{node}: must hold tables, e.g. [{node}.supply]")
+    return doc
+
+
 class Federation:
     def __init__(self, topology_path: Path, state_dir: Path, delivery: str = "confirmed",
-                 log_level: str = "info", qkd_rate_scale: float = 1.0) -> None:
+                 log_level: str = "info", qkd_rate_scale: float = 1.0,
+                 node_settings: dict[str, dict[str, dict[str, Any]]] | None = None) -> None:
         self.state = state_dir.resolve()
         self.source_topology = topology_path.resolve()
         self.delivery = delivery
         self.log_level = log_level
         # Multiplies every emulated QKD link's key rate (1 = the topology's rates).
         self.qkd_rate_scale = qkd_rate_scale
+        # Extra node-file tables per node ID, "*" for every node (read_node_settings).
+        self.node_settings = node_settings or {}
 
     # -- paths ---------------------------------------------------------------------
 
@@ -181,7 +202,7 @@ class Federation:
                 "node": node.id,
                 "topology": self.topology_path,
                 "data_dir": self.state / "nodes" / node.id / "data",
-            }, {
+            }, self._with_settings(node.id, {
                 "tls": {"ca": ca.cert_path, "cert": certs[node.id].cert,
                         "key": certs[node.id].key},
                 "services": {s: f"unix:{run / (s + '.sock')}" for s in GRPC_SERVICES},
@@ -191,10 +212,17 @@ class Federation:
                 # Ephemeral metrics ports (several labs may share 127.0.0.x);
                 # the launcher reads each one from its log into federation.json.
                 "metrics": {f"{s}_port": 0 for s in DEFAULT_METRICS_PORTS},
-            })
+            }))
         for link in topology.qkd_links:
             self._write_sim_config(link, ca, certs)
         return topology, certs, ca
+
+    def _with_settings(self, node: str, tables: dict[str, dict[str, Any]]
+                       ) -> dict[str, dict[str, Any]]:
+        for key in ("*", node):
+            for name, table in self.node_settings.get(key, {}).items():
+                tables[name] = {**tables.get(name, {}), **table}
+        return tables
 
     def _write_sim_config(self, link: QkdLink, ca: CertificateAuthority,
                           certs: dict[str, Issued]) -> Path:

@@ -25,11 +25,13 @@ Both ends agree across crashes:
 
 Fills run on one thread, within ``share`` of the source link's measured
 rate (a token bucket), only while no Get key waits for that link, and only
-from key the device already holds.
+from key the device already holds; key from a nearly full device store,
+which would drop it, is taken without counting against the share.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import logging
 import threading
@@ -37,6 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from kme import metrics
 from kme.config import StockSettings
 from kme.errors import ErrorCode, KmstnError
 from kme.flows.context import Context
@@ -50,6 +53,11 @@ __all__ = ["StockPlan", "Stocks", "stock_plans"]
 
 # How often stocks are checked for expiry and for keys to top up without a reading.
 CHECK_S = 5.0
+# Keys per stock taken from the keyvault ahead of Get key (marked handed there),
+# so a Get key from a stock makes no keyvault call. A crash of the relay loses
+# these few: they stay handed here and unclaimed at the destination until its
+# key TTL, never delivered twice.
+AHEAD = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +84,8 @@ class Stocks:
         self._log: logging.Logger = ctx.log
         self.plans = {p.stock: p for p in stock_plans(ctx.config.supply.stocks)}
         self._levels: dict[StockId, int] = dict.fromkeys(self.plans, 0)
+        self._ahead: dict[StockId, collections.deque[Key]] = {
+            s: collections.deque() for s in self.plans}
         self._buckets: dict[str, TokenBucket] = {}
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -113,6 +123,12 @@ class Stocks:
 
     def take(self, plan: StockPlan, number: int) -> list[Key] | None:
         """``number`` keys from the stock, or None when it holds fewer (nothing taken)."""
+        with self._wake:
+            ahead = self._ahead[plan.stock]
+            if number <= len(ahead):
+                keys = [ahead.popleft() for _ in range(number)]
+                self._wake.notify_all()  # take more ahead
+                return keys
         try:
             keys = self._vault.stock_take(plan.stock, number, plan.settings.key_size)
         except KmstnError as exc:
@@ -122,15 +138,42 @@ class Stocks:
         with self._wake:
             self._levels[plan.stock] = max(0, self._levels[plan.stock] - len(keys))
             self._wake.notify_all()  # top it up
+        self._publish()
         return keys
 
+    def _publish(self) -> None:
+        for stock, level in self.levels().items():
+            metrics.STOCK_KEYS.labels(str(stock)).set(level)
+
     def level(self, stock: StockId) -> int:
+        """Keys ready in the stock: in the keyvault, and taken ahead here."""
         with self._lock:
-            return self._levels.get(stock, 0)
+            return self._levels.get(stock, 0) + len(self._ahead.get(stock, ()))
 
     def levels(self) -> dict[StockId, int]:
         with self._lock:
-            return dict(self._levels)
+            return {s: n + len(self._ahead[s]) for s, n in self._levels.items()}
+
+    def _vault_level(self, stock: StockId) -> int:
+        with self._lock:
+            return self._levels.get(stock, 0)
+
+    def take_ahead(self) -> None:
+        """Keep up to AHEAD keys of each stock in memory, taken from the keyvault."""
+        for stock, plan in self.plans.items():
+            with self._lock:
+                want = min(AHEAD - len(self._ahead[stock]), self._levels[stock])
+            if want <= 0:
+                continue
+            try:
+                keys = self._vault.stock_take(stock, want, plan.settings.key_size)
+            except KmstnError as exc:
+                if exc.code is not ErrorCode.INSUFFICIENT_KEY:
+                    raise
+                continue
+            with self._wake:
+                self._ahead[stock].extend(keys)
+                self._levels[stock] = max(0, self._levels[stock] - len(keys))
 
     # -- start, expiry ----------------------------------------------------------------------
 
@@ -165,6 +208,7 @@ class Stocks:
             self._vault.stock_settle([e.key_id for e in forget], ready=False)
         with self._lock:
             self._levels = levels
+        self._publish()
         voided = sum(len(v) for v in void.values())
         if voided:
             self._log.warning("stock keys voided at their destination", extra={
@@ -192,6 +236,7 @@ class Stocks:
         """Top up the emptiest stock by one batch if its link allows; whether a fill ran."""
         wanting = sorted((self.level(s) / p.settings.keys, s) for s, p in self.plans.items()
                          if self.level(s) < p.settings.keys)
+        self._publish()
         for _, stock in wanting:
             plan = self.plans[stock]
             dest = NodeId(stock.destination)
@@ -217,7 +262,9 @@ class Stocks:
                 self._supply.want_fast_polls(link_id, True)
                 continue
             bucket = self._bucket(link_id, plan, reading)
-            if bucket.take(number * size) > 0:
+            # Key a full store would drop is free; otherwise fills keep to their share.
+            if not (reading is not None and reading.nearly_full) and bucket.take(
+                    number * size) > 0:
                 self._supply.want_fast_polls(link_id, True)
                 continue
             self._supply.want_fast_polls(link_id, False)
@@ -256,8 +303,9 @@ class Stocks:
         self._vault.stock_settle(p.key_ids, ready=True)
         with self._wake:
             self._levels[stock] = self._levels.get(stock, 0) + len(keys)
+        self._publish()
         self._log.info("stock filled", extra={"stock": str(stock), "keys": len(keys),
-                                               "level": self.level(stock)})
+                                               "stock_level": self.level(stock)})
 
     def _run(self) -> None:
         next_check = 0.0
@@ -270,6 +318,7 @@ class Stocks:
                 if now >= next_check:
                     self.recover()
                     next_check = now + CHECK_S
+                self.take_ahead()
                 filled = self.fill_once()
             except KmstnError as exc:  # the keyvault or a neighbour is away: later
                 self._log.warning("stock upkeep failed", extra={

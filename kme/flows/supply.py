@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from kme import metrics
 from kme.config import QuotaSettings, SupplySettings
 from kme.errors import ErrorCode, KmstnError
 from kme.etsi014 import Status
@@ -143,6 +144,12 @@ class LinkReading:
     stored_keys: int
     key_size: int
     rate_bps: float  # measured; 0 until two readings
+    max_keys: int = 0  # the device's max_key_count (0: unknown)
+
+    @property
+    def nearly_full(self) -> bool:
+        """A (nearly) full store drops the key its device makes: using it costs nothing."""
+        return self.max_keys > 0 and self.stored_keys >= 0.9 * self.max_keys
 
 
 @dataclass(eq=False)
@@ -252,10 +259,10 @@ class Supply:
     def want_fast_polls(self, link_id: str, on: bool) -> None:
         """A stock is waiting for key on ``link_id``: read its device often."""
         with self._wake:
-            if on:
+            if on and link_id not in self._busy_links:
                 self._busy_links.add(link_id)
                 self._wake.notify_all()
-            else:
+            elif not on:
                 self._busy_links.discard(link_id)
 
     # -- readings ---------------------------------------------------------------------------
@@ -271,7 +278,8 @@ class Supply:
             link = self._links.get(link_id)
             return 0 if link is None else link.waiting() + link.busy
 
-    def observe(self, link_id: str, stored_keys: int, key_size: int) -> LinkReading:
+    def observe(self, link_id: str, stored_keys: int, key_size: int, max_keys: int = 0
+                ) -> LinkReading:
         """One device reading: update the rate, give turns for the key that is there."""
         now = self._clock()
         with self._wake:
@@ -285,9 +293,10 @@ class Supply:
             if len(link.samples) >= 2 and now > link.samples[0][0]:
                 t0, v0 = link.samples[0]
                 rate = max(0.0, (inflow - v0) / (now - t0))
-            link.reading = LinkReading(stored_keys, key_size, rate)
+            link.reading = LinkReading(stored_keys, key_size, rate, max_keys)
             self._dispatch(link, stored_keys)
             reading = link.reading
+            metrics.SUPPLY_WAITING.labels(link_id).set(link.waiting())
         for listener in self._listeners:
             try:
                 listener(link_id, reading)
@@ -373,7 +382,8 @@ class Supply:
             if link is None or link.reading is None:
                 return
             left = 0 if keys is None else max(0, link.reading.stored_keys - keys)
-            link.reading = LinkReading(left, link.reading.key_size, link.reading.rate_bps)
+            link.reading = LinkReading(left, link.reading.key_size, link.reading.rate_bps,
+                                       link.reading.max_keys)
 
     def retry_after(self, bits: int, reading: LinkReading | None) -> int:
         """Seconds until the measured rate makes ``bits`` (at least 1)."""
@@ -392,7 +402,8 @@ class Supply:
                 self._log.debug("supply: device status failed", extra={
                     "link_id": link_id, "error_code": exc.code.name})
                 continue
-            self.observe(link_id, int(st.stored_key_count), int(st.key_size))
+            self.observe(link_id, int(st.stored_key_count), int(st.key_size),
+                         int(st.max_key_count))
 
     def _run(self) -> None:
         fast = max(self.settings.poll_ms, 5) / 1000
