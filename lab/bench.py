@@ -50,13 +50,14 @@ fairness (issue 11): the master SAEs of ``--pairs`` (default: every SAE of
 the first KMSTN that serves several, toward the next KMSTN's first SAE)
 compete for one link, each in its own loop of one-key requests that honours
 Retry-After, for ``--seconds``: delivered bits per SAE and Jain's index.
-Then a second phase as long, in which the last SAE is greedy (six loops that
-ignore Retry-After): its quota errors, and the others' rates against the
-first phase.
+Then a second phase as long, in which the last SAE is greedy (six loops of
+four-key requests that ignore Retry-After): its quota errors, and the
+others' rates against the first phase.
 
 keyrate ``--seconds N`` runs each pair for N seconds instead of
 ``--requests``; keys a stock of the pair gained meanwhile (the relay's
-``kmstn_stock_keys``) count as delivered, as key spent for the pair.
+``kmstn_stock_keys``) count as delivered, as key spent for the pair, and
+keys it lost (made before the window) are taken off.
 
 resources: CPU seconds (user+system, all processes of each service's group)
 spent during a delay run, and peak resident memory sampled every 100 ms.
@@ -323,8 +324,9 @@ def bench_keyrate(ctx: Ctx) -> list[dict[str, Any]]:
             rates.append(KEY_BITS / latency)
             lat.append(latency)
         wall = time.perf_counter() - start
-        # Keys the pair's stock gained were spent for this pair (made, relayed, held).
-        stocked_bits = max(0, stock_level(ctx, master, slave) - stock0) * KEY_BITS
+        # Keys the pair's stock gained were spent for this pair (made, relayed, held);
+        # keys it lost were made before the window and do not count.
+        stocked_bits = (stock_level(ctx, master, slave) - stock0) * KEY_BITS
         ctx.samples.setdefault("keyrate", {})[f"{master}->{slave}"] = {
             "rates_bps": rates, "latency_ms": [x * 1000 for x in lat]}
         gen1 = generated_bits(ctx)
@@ -600,7 +602,8 @@ def bench_fairness(ctx: Ctx) -> list[dict[str, Any]]:
             client = SaeClient.from_manifest(ctx.manifest, master, timeout=budget + 30)
             try:
                 while time.monotonic() < stop:
-                    status, body = client.enc_keys(slave, 1, KEY_BITS)
+                    # A greedy SAE also asks for more at once (a block of 4 keys).
+                    status, body = client.enc_keys(slave, 1 if honour else 4, KEY_BITS)
                     retry = _retry_after(client.last_headers)
                     with lock:
                         mine = tally[master]

@@ -58,6 +58,9 @@ CHECK_S = 5.0
 # these few: they stay handed here and unclaimed at the destination until its
 # key TTL, never delivered twice.
 AHEAD = 4
+# After a failed fill a stock waits this long before the next, doubling up to the max.
+FILL_BACKOFF_S = 0.5
+FILL_BACKOFF_MAX_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,7 @@ class Stocks:
         self._ahead: dict[StockId, collections.deque[Key]] = {
             s: collections.deque() for s in self.plans}
         self._buckets: dict[str, TokenBucket] = {}
+        self._backoff: dict[StockId, tuple[float, float]] = {}  # (not before, last wait)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stop = False
@@ -234,8 +238,8 @@ class Stocks:
 
     def fill_once(self) -> bool:
         """Top up the emptiest stock by one batch if its link allows; whether a fill ran."""
-        wanting = sorted((self.level(s) / p.settings.keys, s) for s, p in self.plans.items()
-                         if self.level(s) < p.settings.keys)
+        wanting = sorted(((self.level(s) / p.settings.keys, s) for s, p in self.plans.items()
+                          if self.level(s) < p.settings.keys), key=lambda item: item[0])
         self._publish()
         for _, stock in wanting:
             plan = self.plans[stock]
@@ -268,11 +272,18 @@ class Stocks:
                 self._supply.want_fast_polls(link_id, True)
                 continue
             self._supply.want_fast_polls(link_id, False)
-            self._fill(plan, source, number)
-            return True
+            if self._clock() < self._backoff.get(stock, (0.0, 0.0))[0]:
+                continue  # its last fill failed: the path is given time to come back
+            if self._fill(plan, source, number):
+                self._backoff.pop(stock, None)
+                return True
+            _, last = self._backoff.get(stock, (0.0, 0.0))
+            wait = min(FILL_BACKOFF_MAX_S, max(FILL_BACKOFF_S, 2 * last))
+            self._backoff[stock] = (self._clock() + wait, wait)
         return False
 
-    def _fill(self, plan: StockPlan, source: Source, number: int) -> None:
+    def _fill(self, plan: StockPlan, source: Source, number: int) -> bool:
+        """One fill of ``number`` keys; whether the destination acknowledged it."""
         assert source.link is not None  # noqa: S101 - fill_once checked it
         ctx = self._ctx
         stock = plan.stock
@@ -285,7 +296,7 @@ class Stocks:
             self._supply.drew(source.link.id)
             self._log.debug("stock fill found too little key", extra={
                 "stock": str(stock), "error_code": exc.code.name})
-            return
+            return False
         self._supply.drew(source.link.id, number)
         expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=plan.settings.ttl_s)
         self._vault.stock_put(stock, keys, expires)  # pending: never handed out yet
@@ -299,13 +310,14 @@ class Stocks:
             self._vault.stock_settle(p.key_ids, ready=False)
             self._log.warning("stock fill failed", extra={
                 "stock": str(stock), "error_code": exc.code.name, "error": exc.public})
-            return
+            return False
         self._vault.stock_settle(p.key_ids, ready=True)
         with self._wake:
             self._levels[stock] = self._levels.get(stock, 0) + len(keys)
         self._publish()
         self._log.info("stock filled", extra={"stock": str(stock), "keys": len(keys),
                                                "stock_level": self.level(stock)})
+        return True
 
     def _run(self) -> None:
         next_check = 0.0
