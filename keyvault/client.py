@@ -193,7 +193,9 @@ class KeyVaultClient:
         return [Key(parse_key_id(k.key_id), SecretBytes(k.value), k.size_bits)
                 for k in resp.keys]
 
-    def stock_list(self, limit: int = 0) -> list[StockEntry]:
-        resp = call(self._stub.StockList, keyvault_pb2.StockListRequest(limit=limit),
+    def stock_list(self, limit: int = 0, states: Sequence[str] = ()) -> list[StockEntry]:
+        """Stock entries oldest first, without bytes (only ``states`` if given)."""
+        resp = call(self._stub.StockList,
+                    keyvault_pb2.StockListRequest(limit=limit, states=list(states)),
                     self._timeout)
         return [convert.stock_entry_from_proto(e) for e in resp.entries]

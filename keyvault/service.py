@@ -288,7 +288,8 @@ class KeyVaultService(keyvault_pb2_grpc.KeyVaultServicer):
         self, request: keyvault_pb2.StockListRequest, context: grpc.ServicerContext
     ) -> keyvault_pb2.StockListResponse:
         return keyvault_pb2.StockListResponse(entries=[
-            convert.stock_entry_to_proto(e) for e in self._vault.stock_list(request.limit)])
+            convert.stock_entry_to_proto(e)
+            for e in self._vault.stock_list(request.limit, list(request.states))])
 
 
 def _job_id(value: str) -> uuid.UUID:

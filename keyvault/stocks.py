@@ -102,10 +102,16 @@ def take(conn: Any, cipher: RecordCipher, stock: StockId, number: int, size_bits
     return keys
 
 
-def list_entries(conn: Any, limit: int = 0) -> list[StockEntry]:
+def list_entries(conn: Any, limit: int = 0, states: Sequence[str] = ()) -> list[StockEntry]:
+    """Entries oldest first, without bytes; only those in ``states`` if given."""
+    codes = [c for c, name in STATES.items() if not states or name in states]
+    if states and len(codes) != len(set(states)):
+        raise KmstnError(ErrorCode.INVALID_ARGUMENT,
+                         f"states: each must be one of {', '.join(STATES.values())}")
     sql = ("SELECT key_id, destination, master, slaves, size_bits, ready, expires_us "
-           "FROM stock ORDER BY seq")
+           "FROM stock WHERE ready IN (SELECT value FROM json_each(?)) ORDER BY seq")
+    params: tuple[Any, ...] = (json.dumps(codes),)
     rows = conn.execute(sql + (" LIMIT ?" if limit else ""),
-                        (limit,) if limit else ()).fetchall()
+                        (*params, limit) if limit else params).fetchall()
     return [StockEntry(uuid.UUID(r[0]), StockId(r[1], r[2], tuple(json.loads(r[3]))),
                        int(r[4]), STATES[int(r[5])], from_us(int(r[6]))) for r in rows]

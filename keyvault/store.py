@@ -395,9 +395,9 @@ class Vault:
             return stocks.take(conn, self._cipher, stock, number, size_bits,
                                self._db.now_us())
 
-    def stock_list(self, limit: int = 0) -> list[StockEntry]:
+    def stock_list(self, limit: int = 0, states: Sequence[str] = ()) -> list[StockEntry]:
         with self._db.read() as conn:
-            return stocks.list_entries(conn, limit)
+            return stocks.list_entries(conn, limit, states)
 
     # -- Expiry --------------------------------------------------------------------------
 

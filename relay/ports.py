@@ -63,8 +63,8 @@ class VaultPort:
     def stock_take(self, stock: StockId, number: int, size_bits: int) -> list[Key]:
         return self._client.stock_take(stock, number, size_bits)
 
-    def stock_list(self, limit: int = 0) -> list[StockEntry]:
-        return self._client.stock_list(limit)
+    def stock_list(self, limit: int = 0, states: Sequence[str] = ()) -> list[StockEntry]:
+        return self._client.stock_list(limit, states)
 
 
 class ReservingDevice:

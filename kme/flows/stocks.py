@@ -58,6 +58,11 @@ CHECK_S = 5.0
 # these few: they stay handed here and unclaimed at the destination until its
 # key TTL, never delivered twice.
 AHEAD = 4
+# How often handed entries past their expiry are forgotten.
+HANDED_CHECK_S = 60.0
+# A key taken ahead and not asked for within this long goes back: it is voided at
+# its destination (it may be near its stock's ttl_s already).
+AHEAD_MAX_AGE_S = 60.0
 # After a failed fill a stock waits this long before the next, doubling up to the max.
 FILL_BACKOFF_S = 0.5
 FILL_BACKOFF_MAX_S = 30.0
@@ -87,10 +92,12 @@ class Stocks:
         self._log: logging.Logger = ctx.log
         self.plans = {p.stock: p for p in stock_plans(ctx.config.supply.stocks)}
         self._levels: dict[StockId, int] = dict.fromkeys(self.plans, 0)
-        self._ahead: dict[StockId, collections.deque[Key]] = {
+        # Keys taken ahead, with the (monotonic) time they were taken.
+        self._ahead: dict[StockId, collections.deque[tuple[float, Key]]] = {
             s: collections.deque() for s in self.plans}
         self._buckets: dict[str, TokenBucket] = {}
         self._backoff: dict[StockId, tuple[float, float]] = {}  # (not before, last wait)
+        self._next_handed_check = 0.0
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stop = False
@@ -130,7 +137,7 @@ class Stocks:
         with self._wake:
             ahead = self._ahead[plan.stock]
             if number <= len(ahead):
-                keys = [ahead.popleft() for _ in range(number)]
+                keys = [ahead.popleft()[1] for _ in range(number)]
                 self._wake.notify_all()  # take more ahead
                 return keys
         try:
@@ -166,6 +173,15 @@ class Stocks:
         """Keep up to AHEAD keys of each stock in memory, taken from the keyvault."""
         for stock, plan in self.plans.items():
             with self._lock:
+                ahead = self._ahead[stock]
+                stale = []
+                while ahead and self._clock() - ahead[0][0] > AHEAD_MAX_AGE_S:
+                    stale.append(ahead.popleft()[1])
+            if stale:
+                self._delivery.void_everywhere(
+                    Placement.of(stale, stock.master, {NodeId(stock.destination): stock.slaves},
+                                 None, None), {}, Deadline.after(0))
+            with self._lock:
                 want = min(AHEAD - len(self._ahead[stock]), self._levels[stock])
             if want <= 0:
                 continue
@@ -176,7 +192,8 @@ class Stocks:
                     raise
                 continue
             with self._wake:
-                self._ahead[stock].extend(keys)
+                now = self._clock()
+                self._ahead[stock].extend((now, k) for k in keys)
                 self._levels[stock] = max(0, self._levels[stock] - len(keys))
 
     # -- start, expiry ----------------------------------------------------------------------
@@ -189,8 +206,14 @@ class Stocks:
         job each, recorded before the keys are deleted here); handed keys past
         their expiry are forgotten. Returns the number of keys voided.
         """
-        entries = self._vault.stock_list()
         now = dt.datetime.now(dt.UTC)
+        # Handed keys (kept only so both ends can be compared) are looked at
+        # once a minute: there may be many, and only their expiry matters.
+        look_at_handed = self._clock() >= self._next_handed_check
+        if look_at_handed:
+            self._next_handed_check = self._clock() + HANDED_CHECK_S
+        entries = self._vault.stock_list(
+            states=() if look_at_handed else ("pending", "ready"))
         void: dict[StockId, list[StockEntry]] = {}
         forget: list[StockEntry] = []
         levels = dict.fromkeys(self.plans, 0)

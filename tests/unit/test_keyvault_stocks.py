@@ -32,6 +32,8 @@ def test_pending_keys_are_never_handed_out_and_ready_ones_once(tmp_path: Path) -
     assert code_of(vault.stock_take, STOCK, 1, 256) is ErrorCode.INSUFFICIENT_KEY
     # Handed keys stay listed (both ends can be compared), without their bytes.
     assert [e.state for e in vault.stock_list()] == ["handed"] * 3
+    assert vault.stock_list(states=("pending", "ready")) == []
+    assert len(vault.stock_list(1, ("handed",))) == 1
     with vault._db.read() as conn:
         records = {bytes(r[0]) for r in conn.execute("SELECT record FROM stock")}
     assert records == {b""}
