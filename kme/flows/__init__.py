@@ -14,6 +14,9 @@ call. The parts:
   neighbour, synchronous or asynchronous;
 - :mod:`~kme.flows.retries`: work that must get through even across a
   restart (voids, concurrent deliveries, acks), recorded in the keyvault;
+- :mod:`~kme.flows.supply` and :mod:`~kme.flows.stocks` (issue 11, only with
+  the node file's ``[supply]``): quotas, the measured supply of each QKD link,
+  bounded waits in fair order, and key stocks relayed ahead of demand;
 - :mod:`~kme.flows.ports`: the small protocols the parts reach the services
   through, so unit tests run them over fakes.
 
