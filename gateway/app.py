@@ -15,7 +15,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from gateway.deps import Edge
-from gateway.errors import etsi014_error, etsi020_problem
+from gateway.errors import etsi014_error, etsi014_headers, etsi020_problem
 from gateway.http1 import Limits
 from kme import etsi020
 from kme import log as kmelog
@@ -105,7 +105,9 @@ def create_app(api: Api, config: NodeConfig, edge: Edge) -> Flask:
 
         def render(exc: KmstnError) -> Response:
             status, body = etsi014_error(exc)
-            return json_response(body, status)
+            resp = json_response(body, status)
+            resp.headers.update(etsi014_headers(exc))
+            return resp
     else:
         from gateway.etsi020.views import blueprint
 

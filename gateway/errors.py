@@ -29,6 +29,7 @@ __all__ = [
     "Etsi020Problem",
     "RefusalKind",
     "etsi014_error",
+    "etsi014_headers",
     "etsi020_problem",
     "refusal_response",
     "skip_error",
@@ -48,6 +49,8 @@ ETSI014_STATUS: Final[dict[ErrorCode, int]] = {
     ErrorCode.PERMISSION_DENIED: 401,
     ErrorCode.UNAUTHENTICATED: 401,
     ErrorCode.INSUFFICIENT_KEY: 503,
+    # ETSI 014 has no 429: over quota is 503 with Retry-After (issue 11).
+    ErrorCode.OVER_QUOTA: 503,
     ErrorCode.NO_ROUTE: 503,
     ErrorCode.INVALID_ROUTING: 503,
     ErrorCode.UNAVAILABLE: 503,
@@ -71,6 +74,14 @@ def etsi014_error(exc: KmstnError) -> tuple[int, dict[str, Any]]:
     else:
         message = exc.public
     return status, {"message": message}
+
+
+def etsi014_headers(exc: KmstnError) -> dict[str, str]:
+    """Headers beside the Error body: ``Retry-After`` (RFC 9110 10.2.3, delay in
+    seconds) on a 503 that says when key or quota is expected back."""
+    if exc.retry_after_s is None or ETSI014_STATUS[exc.code] != 503:
+        return {}
+    return {"Retry-After": str(max(1, exc.retry_after_s))}
 
 
 # -- ETSI GS QKD 020 ---------------------------------------------------------
@@ -121,6 +132,9 @@ _ETSI020_BY_CODE: Final[dict[ErrorCode, Etsi020Problem]] = {
     ErrorCode.INSUFFICIENT_KEY: Etsi020Problem(503, "insufficient-key-material",
                                                "insufficient key material",
                                                "insufficient_key_material"),
+    ErrorCode.OVER_QUOTA: Etsi020Problem(503, "insufficient-key-material",
+                                         "insufficient key material",
+                                         "insufficient_key_material"),
     ErrorCode.NO_ROUTE: Etsi020Problem(503, "key-routing-error", "key routing error",
                                        "no_known_route"),
     ErrorCode.TIMEOUT: Etsi020Problem(503, "server-side-general-error", "server-side error",

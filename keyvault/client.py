@@ -30,6 +30,8 @@ from kme.types import (
     KeyGrant,
     OutboxJob,
     SecretBytes,
+    StockEntry,
+    StockId,
     StoreOutcome,
     VoidOutcome,
     parse_key_id,
@@ -166,3 +168,34 @@ class KeyVaultClient:
         again only after that long (so a concurrent lister skips them)."""
         req = keyvault_pb2.ListDueJobsRequest(limit=limit, kind=kind or "", lease_ms=lease_ms)
         return convert.due_jobs_from_proto(call(self._stub.ListDueJobs, req, self._timeout))
+
+    # -- stocks (issue 11) -------------------------------------------------------------
+
+    def stock_put(self, stock: StockId, keys: Sequence[Key], expires_at: datetime) -> int:
+        """Record a fill's keys as pending in ``stock`` (before the fill leaves)."""
+        req = keyvault_pb2.StockPutRequest(
+            stock=convert.stock_to_proto(stock), expires_at=convert.timestamp_from_datetime(
+                expires_at), keys=[common_pb2.KeyMaterial(
+                    key_id=str(k.key_id), value=k.material.reveal(), size_bits=k.size_bits)
+                    for k in keys])
+        return call(self._stub.StockPut, req, self._timeout).stored
+
+    def stock_settle(self, key_ids: Sequence[uuid.UUID], ready: bool) -> int:
+        """Pending keys become ready (``ready``), or keys are deleted."""
+        req = keyvault_pb2.StockSettleRequest(key_ids=[str(k) for k in key_ids], ready=ready)
+        return call(self._stub.StockSettle, req, self._timeout).changed
+
+    def stock_take(self, stock: StockId, number: int, size_bits: int) -> list[Key]:
+        """``number`` ready keys of ``stock``, each handed out once; INSUFFICIENT_KEY if fewer."""
+        req = keyvault_pb2.StockTakeRequest(stock=convert.stock_to_proto(stock), number=number,
+                                            size_bits=size_bits)
+        resp = call(self._stub.StockTake, req, self._timeout)
+        return [Key(parse_key_id(k.key_id), SecretBytes(k.value), k.size_bits)
+                for k in resp.keys]
+
+    def stock_list(self, limit: int = 0, states: Sequence[str] = ()) -> list[StockEntry]:
+        """Stock entries oldest first, without bytes (only ``states`` if given)."""
+        resp = call(self._stub.StockList,
+                    keyvault_pb2.StockListRequest(limit=limit, states=list(states)),
+                    self._timeout)
+        return [convert.stock_entry_from_proto(e) for e in resp.entries]

@@ -25,6 +25,8 @@ from kme.types import (
     KeyGrant,
     OutboxJob,
     SecretBytes,
+    StockEntry,
+    StockId,
     StoreOutcome,
     VoidOutcome,
     job_kind,
@@ -45,10 +47,15 @@ __all__ = [
     "grant_to_proto",
     "job_from_proto",
     "job_to_proto",
+    "key_from_proto",
     "key_ids",
     "outcome_from_acks",
     "outcome_to_acks",
     "record_info_to_proto",
+    "stock_entry_from_proto",
+    "stock_entry_to_proto",
+    "stock_from_proto",
+    "stock_to_proto",
     "store_outcome_from_proto",
     "store_outcome_to_proto",
     "timestamp_from_datetime",
@@ -114,20 +121,26 @@ def grant_to_proto(grant: KeyGrant) -> keyvault_pb2.StoredKey:
     return msg
 
 
-def grant_from_proto(msg: keyvault_pb2.StoredKey, where: str, now: dt.datetime,
-                     key_ttl_s: float) -> KeyGrant:
-    """Validate one StoredKey and fill in its default times."""
-    key_id = key_ids([msg.key.key_id], f"{where}.key.key_id")[0]
-    bits = msg.key.size_bits
+def key_from_proto(msg: common_pb2.KeyMaterial, where: str) -> Key:
+    """Validate one KeyMaterial (``where`` names it in messages)."""
+    key_id = key_ids([msg.key_id], f"{where}.key_id")[0]
+    bits = msg.size_bits
     if not 0 < bits <= MAX_KEY_BITS:
-        raise bad(f"{where}.key.size_bits: must be 1 to {MAX_KEY_BITS}, got {bits}")
-    value = msg.key.value
+        raise bad(f"{where}.size_bits: must be 1 to {MAX_KEY_BITS}, got {bits}")
+    value = msg.value
     if len(value) != (bits + 7) // 8:
-        raise bad(f"{where}.key.value: {len(value)} bytes do not hold {bits} bits "
+        raise bad(f"{where}.value: {len(value)} bytes do not hold {bits} bits "
                   f"(need {(bits + 7) // 8})")
     if bits % 8 and value[-1] & ((1 << (8 - bits % 8)) - 1):
         # common.proto: pad bits are zero, so one key has one encoding.
-        raise bad(f"{where}.key.value: the {8 - bits % 8} pad bits must be zero")
+        raise bad(f"{where}.value: the {8 - bits % 8} pad bits must be zero")
+    return Key(key_id, SecretBytes(value), bits)
+
+
+def grant_from_proto(msg: keyvault_pb2.StoredKey, where: str, now: dt.datetime,
+                     key_ttl_s: float) -> KeyGrant:
+    """Validate one StoredKey and fill in its default times."""
+    key = key_from_proto(msg.key, f"{where}.key")
     master = checked(f"{where}.master_sae_id", sae_id, msg.master_sae_id)
     if not msg.allowed_sae_ids:
         raise bad(f"{where}.allowed_sae_ids: at least one SAE is required")
@@ -146,8 +159,7 @@ def grant_from_proto(msg: keyvault_pb2.StoredKey, where: str, now: dt.datetime,
         raise bad(f"{where}.expires_at: is in the past")
     if expires <= created:
         raise bad(f"{where}.expires_at: must be after created_at")
-    return KeyGrant(Key(key_id, SecretBytes(value), bits), master, allowed, origin, upstream,
-                    created, expires)
+    return KeyGrant(key, master, allowed, origin, upstream, created, expires)
 
 
 def store_outcome_to_proto(outcome: StoreOutcome) -> keyvault_pb2.StoreResponse:
@@ -253,3 +265,32 @@ def due_jobs_from_proto(msg: keyvault_pb2.ListDueJobsResponse) -> DueJobs:
     return DueJobs(tuple(job_from_proto(j, f"jobs[{i}]") for i, j in enumerate(msg.jobs)),
                    datetime_from_timestamp(msg.next_due_at, "next_due_at")
                    if msg.HasField("next_due_at") else None)
+
+
+# -- stocks ----------------------------------------------------------------------------------
+
+
+def stock_to_proto(stock: StockId) -> keyvault_pb2.StockId:
+    return keyvault_pb2.StockId(destination_node_id=stock.destination,
+                                master_sae_id=stock.master, slave_sae_ids=list(stock.slaves))
+
+
+def stock_from_proto(msg: keyvault_pb2.StockId, what: str = "stock") -> StockId:
+    dest = checked(f"{what}.destination_node_id", node_id, msg.destination_node_id)
+    master = checked(f"{what}.master_sae_id", sae_id, msg.master_sae_id)
+    if not msg.slave_sae_ids:
+        raise bad(f"{what}.slave_sae_ids: at least one slave is required")
+    slaves = tuple(checked(f"{what}.slave_sae_ids[{i}]", sae_id, s)
+                   for i, s in enumerate(msg.slave_sae_ids))
+    return StockId(dest, master, slaves)
+
+
+def stock_entry_to_proto(e: StockEntry) -> keyvault_pb2.StockEntry:
+    return keyvault_pb2.StockEntry(key_id=str(e.key_id), stock=stock_to_proto(e.stock),
+                                   size_bits=e.size_bits, state=e.state,
+                                   expires_at=timestamp_from_datetime(e.expires_at))
+
+
+def stock_entry_from_proto(msg: keyvault_pb2.StockEntry) -> StockEntry:
+    return StockEntry(parse_key_id(msg.key_id), stock_from_proto(msg.stock), msg.size_bits,
+                      msg.state, datetime_from_timestamp(msg.expires_at, "expires_at"))

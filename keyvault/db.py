@@ -30,7 +30,8 @@ which measurably costs store and take throughput. The rare questions
 master) scan instead.
 
 Schema versions (``PRAGMA user_version``): 1 is the first release; 2 adds
-the upstream columns, the tombstone fingerprint and the outbox. A file is
+the upstream columns, the tombstone fingerprint and the outbox; 3 adds the
+key stocks (issue 11). A file is
 brought up to date in one transaction when it is opened, so a crash during
 the migration leaves it at its old version, intact; a file written by a
 newer kmstn is refused.
@@ -54,7 +55,7 @@ from kme.types import SecretBytes
 
 __all__ = ["SCHEMA_VERSION", "Database", "from_us", "id_list", "to_us"]
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _US: Final = dt.timedelta(microseconds=1)
 
@@ -113,6 +114,23 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
         "CREATE INDEX jobs_by_due ON jobs (due_us)",
         "CREATE INDEX jobs_by_seq ON jobs (seq)",
         "CREATE INDEX jobs_by_expiry ON jobs (expires_us)",
+    ),
+    3: (
+        # Keys relayed ahead to a destination for one SAE pair, held here for
+        # the master (keyvault.stocks). seq: fill order, oldest handed first.
+        """CREATE TABLE stock (
+            key_id      TEXT PRIMARY KEY,
+            destination TEXT NOT NULL,
+            master      TEXT NOT NULL,
+            slaves      TEXT NOT NULL,
+            size_bits   INTEGER NOT NULL,
+            ready       INTEGER NOT NULL,
+            seq         INTEGER NOT NULL,
+            created_us  INTEGER NOT NULL,
+            expires_us  INTEGER NOT NULL,
+            record      BLOB NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX stock_by_pair ON stock (destination, master, slaves, ready, seq)",
     ),
 }
 

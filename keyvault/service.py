@@ -246,6 +246,51 @@ class KeyVaultService(keyvault_pb2_grpc.KeyVaultServicer):
         due = self._vault.due_jobs(limit, kind, request.lease_ms / 1000)
         return convert.due_jobs_to_proto(due)
 
+    # -- stocks (issue 11) -------------------------------------------------------------
+
+    def StockPut(  # noqa: N802
+        self, request: keyvault_pb2.StockPutRequest, context: grpc.ServicerContext
+    ) -> keyvault_pb2.StockPutResponse:
+        stock = convert.stock_from_proto(request.stock)
+        if not request.keys or len(request.keys) > MAX_BATCH:
+            raise bad(f"keys: 1 to {MAX_BATCH} keys per call, got {len(request.keys)}")
+        if not request.HasField("expires_at"):
+            raise bad("expires_at: is required")
+        expires = convert.datetime_from_timestamp(request.expires_at, "expires_at")
+        keys = [convert.key_from_proto(k, f"keys[{i}]") for i, k in enumerate(request.keys)]
+        stored = self._vault.stock_put(stock, keys, expires)
+        self._log.info("stock keys recorded", extra={"stock": str(stock), "count": stored})
+        return keyvault_pb2.StockPutResponse(stored=stored)
+
+    def StockSettle(  # noqa: N802
+        self, request: keyvault_pb2.StockSettleRequest, context: grpc.ServicerContext
+    ) -> keyvault_pb2.StockSettleResponse:
+        ids = key_ids(request.key_ids)
+        return keyvault_pb2.StockSettleResponse(
+            changed=self._vault.stock_settle(ids, request.ready))
+
+    def StockTake(  # noqa: N802
+        self, request: keyvault_pb2.StockTakeRequest, context: grpc.ServicerContext
+    ) -> keyvault_pb2.StockTakeResponse:
+        stock = convert.stock_from_proto(request.stock)
+        if not 1 <= request.number <= MAX_BATCH:
+            raise bad(f"number: 1 to {MAX_BATCH}, got {request.number}")
+        if not 1 <= request.size_bits <= convert.MAX_KEY_BITS:
+            raise bad(f"size_bits: 1 to {convert.MAX_KEY_BITS}, got {request.size_bits}")
+        keys = self._vault.stock_take(stock, request.number, request.size_bits)
+        self._log.info("stock keys taken", extra={"stock": str(stock),
+                                                  "key_ids": [str(k.key_id) for k in keys]})
+        return keyvault_pb2.StockTakeResponse(keys=[
+            common_pb2.KeyMaterial(key_id=str(k.key_id), value=k.material.reveal(),
+                                   size_bits=k.size_bits) for k in keys])
+
+    def StockList(  # noqa: N802
+        self, request: keyvault_pb2.StockListRequest, context: grpc.ServicerContext
+    ) -> keyvault_pb2.StockListResponse:
+        return keyvault_pb2.StockListResponse(entries=[
+            convert.stock_entry_to_proto(e)
+            for e in self._vault.stock_list(request.limit, list(request.states))])
+
 
 def _job_id(value: str) -> uuid.UUID:
     try:

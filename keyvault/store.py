@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
-from keyvault import outbox, queries
+from keyvault import outbox, queries, stocks
 from keyvault.db import SCHEMA_VERSION, Database, from_us, to_us
 from keyvault.queries import RecordInfo
 from keyvault.records import RecordCipher, RecordIdentity
@@ -48,7 +48,17 @@ from keyvault.rows import Burial, Row, Tombstone, bury, grants_of, rows_of, tomb
 from keyvault.sweeper import Sweeper, Swept, expire
 from keyvault.voids import void as _void
 from kme.errors import ErrorCode, KmstnError
-from kme.types import DueJobs, Key, KeyGrant, OutboxJob, SecretBytes, StoreOutcome, VoidOutcome
+from kme.types import (
+    DueJobs,
+    Key,
+    KeyGrant,
+    OutboxJob,
+    SecretBytes,
+    StockEntry,
+    StockId,
+    StoreOutcome,
+    VoidOutcome,
+)
 
 __all__ = [
     "MAX_WAIT_S",
@@ -367,6 +377,27 @@ class Vault:
         # Decrypt outside the lock: payloads may be large.
         return DueJobs(tuple(r.open(self._cipher) for r in rows),
                        None if nxt is None else from_us(nxt))
+
+    # -- Stocks (keyvault.stocks) ---------------------------------------------------------
+
+    def stock_put(self, stock: StockId, keys: Sequence[Key], expires_at: dt.datetime) -> int:
+        """Record a fill's keys as pending, before the fill leaves this node."""
+        with self._db.write() as conn:
+            return stocks.put(conn, self._cipher, stock, keys, self._db.now_us(),
+                              to_us(expires_at))
+
+    def stock_settle(self, key_ids: Sequence[uuid.UUID], ready: bool) -> int:
+        with self._db.write() as conn:
+            return stocks.settle(conn, key_ids, ready)
+
+    def stock_take(self, stock: StockId, number: int, size_bits: int) -> list[Key]:
+        with self._db.write() as conn:
+            return stocks.take(conn, self._cipher, stock, number, size_bits,
+                               self._db.now_us())
+
+    def stock_list(self, limit: int = 0, states: Sequence[str] = ()) -> list[StockEntry]:
+        with self._db.read() as conn:
+            return stocks.list_entries(conn, limit, states)
 
     # -- Expiry --------------------------------------------------------------------------
 

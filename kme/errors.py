@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ERROR_CODE_METADATA_KEY",
     "ERROR_REASON_METADATA_KEY",
+    "RETRY_AFTER_METADATA_KEY",
     "ErrorCode",
     "ErrorInterceptor",
     "KmstnError",
@@ -33,6 +34,9 @@ __all__ = [
 
 ERROR_CODE_METADATA_KEY = "kmstn-error-code"
 ERROR_REASON_METADATA_KEY = "kmstn-error-reason"
+# Seconds after which the request may succeed (over quota, key still scarce):
+# the 014 gateway answers it as the HTTP Retry-After header.
+RETRY_AFTER_METADATA_KEY = "kmstn-retry-after-s"
 
 
 class ErrorCode(enum.Enum):
@@ -60,6 +64,8 @@ class ErrorCode(enum.Enum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     # Too little key material stored to satisfy a valid request.
     INSUFFICIENT_KEY = "RESOURCE_EXHAUSTED"
+    # The SAE (or SAE pair) has used its key quota for now (issue 11).
+    OVER_QUOTA = "RESOURCE_EXHAUSTED"
     # No path to the destination with the links that are up.
     NO_ROUTE = "UNAVAILABLE"
     # The route would send the key straight back to the node it came from.
@@ -100,16 +106,18 @@ class KmstnError(Exception):
     ``reason`` is an optional machine-readable refinement of the code (for
     example ``missing_parameters`` or ``no_known_route``): the ETSI 020 layer
     uses it as the problem-details key, and it travels across gRPC with the
-    code.
+    code. ``retry_after_s``: when the request may succeed if sent again (key
+    scarce, quota used up); it travels too and becomes ``Retry-After``.
     """
 
     def __init__(self, code: ErrorCode, public: str, *, cause: str | None = None,
-                 reason: str | None = None) -> None:
+                 reason: str | None = None, retry_after_s: int | None = None) -> None:
         super().__init__(public)
         self.code = code
         self.public = public
         self.cause = cause
         self.reason = reason
+        self.retry_after_s = retry_after_s
 
     def __repr__(self) -> str:
         return f"KmstnError({self.code.name}, {self.public!r})"

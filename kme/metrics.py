@@ -81,6 +81,8 @@ __all__ = [
     "RELAY_HOPS",
     "RELAY_HOP_SECONDS",
     "DeviceObservation",
+    "STOCK_KEYS",
+    "SUPPLY_WAITING",
     "DevicePoller",
     "MetricsServer",
     "count_key_bits",
@@ -205,6 +207,14 @@ DEVICE_STORED_KEYS: Final = Gauge(
 DEVICE_MAX_KEYS: Final = Gauge(
     "kmstn_qkd_device_max_keys",
     "Size of the device's store in keys (ETSI 014 max_key_count)",
+    ("link",), registry=REGISTRY)
+STOCK_KEYS: Final = Gauge(
+    "kmstn_stock_keys",
+    "Keys ready in a key stock (issue 11), held here and at the destination for one pair",
+    ("stock",), registry=REGISTRY)
+SUPPLY_WAITING: Final = Gauge(
+    "kmstn_supply_waiting_requests",
+    "Get key requests waiting for key on a QKD link (issue 11)",
     ("link",), registry=REGISTRY)
 DEVICE_KEY_RATE: Final = Gauge(
     "kmstn_qkd_device_key_rate_bits_per_second",

@@ -13,6 +13,7 @@ import grpc
 from kme.errors import (
     ERROR_CODE_METADATA_KEY,
     ERROR_REASON_METADATA_KEY,
+    RETRY_AFTER_METADATA_KEY,
     ErrorCode,
     KmstnError,
 )
@@ -24,12 +25,15 @@ def from_rpc_error(err: grpc.RpcError) -> KmstnError:
     """Turn a failed gRPC call back into the KmstnError the server raised."""
     code: ErrorCode | None = None
     reason: str | None = None
+    retry_after: int | None = None
     trailing: Any = getattr(err, "trailing_metadata", lambda: None)() or ()
     for key, value in trailing:
         if key == ERROR_CODE_METADATA_KEY and value in ErrorCode.__members__:
             code = ErrorCode[value]
         elif key == ERROR_REASON_METADATA_KEY:
             reason = str(value)
+        elif key == RETRY_AFTER_METADATA_KEY and str(value).isdigit():
+            retry_after = int(value)
     status: Any = getattr(err, "code", lambda: None)()
     details: Any = getattr(err, "details", lambda: None)()
     if code is None:
@@ -43,7 +47,8 @@ def from_rpc_error(err: grpc.RpcError) -> KmstnError:
             )
         # Transport failures carry library text; keep it private.
         return KmstnError(code, "internal service unavailable", cause=str(details))
-    return KmstnError(code, str(details or code.name), reason=reason)
+    return KmstnError(code, str(details or code.name), reason=reason,
+                      retry_after_s=retry_after)
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
@@ -79,6 +84,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 metadata = [(ERROR_CODE_METADATA_KEY, exc.code.name)]
                 if exc.reason:
                     metadata.append((ERROR_REASON_METADATA_KEY, exc.reason))
+                if exc.retry_after_s is not None:
+                    metadata.append((RETRY_AFTER_METADATA_KEY, str(exc.retry_after_s)))
                 context.set_trailing_metadata(tuple(metadata))
                 context.abort(exc.code.grpc_status, exc.public)
             except Exception:

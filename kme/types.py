@@ -29,6 +29,8 @@ __all__ = [
     "OutboxJob",
     "SaeId",
     "SecretBytes",
+    "StockEntry",
+    "StockId",
     "StoreOutcome",
     "VoidOutcome",
     "b64decode_strict",
@@ -348,3 +350,35 @@ class DueJobs:
     # When the next job not in ``jobs`` falls due (possibly already: more
     # were due than the limit); None when no other job is waiting.
     next_due_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class StockId:
+    """One key stock: keys relayed ahead to ``destination`` for one master and its slaves.
+
+    The slaves are named when the stock is filled, so the destination holds
+    each stocked key for exactly them, as for any relayed key.
+    """
+
+    destination: str
+    master: str
+    slaves: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "slaves", tuple(sorted(self.slaves)))
+
+    def __str__(self) -> str:
+        return f"{self.master}->{','.join(self.slaves)}@{self.destination}"
+
+
+@dataclass(frozen=True, slots=True)
+class StockEntry:
+    """A stocked key as listed (no bytes)."""
+
+    key_id: uuid.UUID
+    stock: StockId
+    size_bits: int
+    # "pending": its fill is in flight (or was cut by a crash); "ready": held
+    # at the destination too; "handed": given to the master (no bytes kept).
+    state: str
+    expires_at: datetime

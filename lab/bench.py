@@ -4,6 +4,8 @@
     kmstn bench delay       --state DIR [--pairs ...] [--requests 100]
     kmstn bench concurrency --state DIR [--pairs SAE1:SAE2] [--requests 100] [--rounds 5]
     kmstn bench resources   --state DIR [--requests 30]
+    kmstn bench scarcity    --state DIR [--pairs SAE1:SAE2] [--requests 100] [--rounds 5]
+    kmstn bench fairness    --state DIR [--pairs SAE1a:SAE2,SAE1b:SAE2,SAE1c:SAE2] [--seconds 60]
     kmstn bench all         --state DIR
 
 Every command prints a table and writes ``<name>.csv`` and ``<name>.json``
@@ -36,6 +38,27 @@ concurrency (Fig. 7): ``--requests`` simultaneous enc_keys at one KMSTN
 (one connection each), ``--rounds`` times; failures (non-200) and the
 latency spread per round.
 
+scarcity (Fig. 7 under scarcity, issue 11): like concurrency, but every
+emulated device store is drained before each round, so the requests find
+the store empty and wait for key (the nodes' [supply] wait_ms, e.g.
+examples/supply-waits.toml). Per round: served, failed, how many the supply
+could serve within the wait budget (key the device made in the budget, from
+its counters), failures among those, and whether every failure was a 503
+with Retry-After (none a 500, none a hang: a client gives up after 60 s).
+
+fairness (issue 11): the master SAEs of ``--pairs`` (default: every SAE of
+the first KMSTN that serves several, toward the next KMSTN's first SAE)
+compete for one link, each in its own loop of one-key requests that honours
+Retry-After, for ``--seconds``: delivered bits per SAE and Jain's index.
+Then a second phase as long, in which the last SAE is greedy (six loops of
+four-key requests that ignore Retry-After): its quota errors, and the
+others' rates against the first phase.
+
+keyrate ``--seconds N`` runs each pair for N seconds instead of
+``--requests``; keys a stock of the pair gained meanwhile (the relay's
+``kmstn_stock_keys``) count as delivered, as key spent for the pair, and
+keys it lost (made before the window) are taken off.
+
 resources: CPU seconds (user+system, all processes of each service's group)
 spent during a delay run, and peak resident memory sampled every 100 ms.
 """
@@ -45,6 +68,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 import os
 import statistics
 import threading
@@ -247,6 +271,20 @@ def generated_bits(ctx: Ctx) -> dict[str, int]:
     return out
 
 
+def stock_level(ctx: Ctx, master: str, slave: str) -> int:
+    """Keys ready in the master node's stock for this pair (0 without one), from the relay's
+    metrics."""
+    from lab.dashboard import _fetch
+
+    node = ctx.sae_node(master)
+    url = ctx.manifest.get("metrics", {}).get(f"{node}/relay")
+    if not url:
+        return 0
+    scrape = _fetch(url)
+    want = f"{master}->{slave}@{ctx.sae_node(slave)}"
+    return int(sum(v for _, v in scrape.values("kmstn_stock_keys", stock=want)))
+
+
 def _request_until_served(client: SaeClient, slave: str, size: int,
                           deadline: float) -> tuple[float, int, Any]:
     """enc_keys, retrying 503 every 20 ms; (latency, retries, body)."""
@@ -275,20 +313,27 @@ def bench_keyrate(ctx: Ctx) -> list[dict[str, Any]]:
             _request_until_served(client, slave, KEY_BITS, deadline)
         drain_devices(ctx)
         gen0 = generated_bits(ctx)
-        rates, lat = [], []
+        stock0 = stock_level(ctx, master, slave)
+        rates: list[float] = []
+        lat: list[float] = []
         start = time.perf_counter()
-        for _ in range(ctx.args.requests):
+        seconds = getattr(ctx.args, "seconds", 0) or 0
+        while (time.perf_counter() - start < seconds if seconds
+               else len(rates) < ctx.args.requests):
             latency, _, _ = _request_until_served(client, slave, KEY_BITS, deadline)
             rates.append(KEY_BITS / latency)
             lat.append(latency)
         wall = time.perf_counter() - start
+        # Keys the pair's stock gained were spent for this pair (made, relayed, held);
+        # keys it lost were made before the window and do not count.
+        stocked_bits = (stock_level(ctx, master, slave) - stock0) * KEY_BITS
         ctx.samples.setdefault("keyrate", {})[f"{master}->{slave}"] = {
             "rates_bps": rates, "latency_ms": [x * 1000 for x in lat]}
         gen1 = generated_bits(ctx)
         hops, kinds = route_summary(ctx, master, slave)
         allowed = allowed_rate(ctx.topology, ctx.sae_node(master), ctx.sae_node(slave),
                                ctx.rate_scale)
-        delivered = KEY_BITS * len(rates) / wall
+        delivered = (KEY_BITS * len(rates) + stocked_bits) / wall
         cost = qkd_cost(ctx.topology, ctx.sae_node(master), ctx.sae_node(slave))
         # What the key the devices actually made in this window allows: block
         # arrivals are random, so over ~100 keys the configured mean rate is a
@@ -298,6 +343,7 @@ def bench_keyrate(ctx: Ctx) -> list[dict[str, Any]]:
         made_bps = made / wall
         rows.append({
             "pair": f"{master}->{slave}", "hops": hops, "path": kinds,
+            "requests": len(rates), "seconds": wall, "stocked_bits": stocked_bits,
             "rate_mean_bps": statistics.fmean(rates), "rate_std_bps": statistics.pstdev(rates),
             "delivered_bps": delivered, "allowed_bps": allowed, "made_allows_bps": made_bps,
             "ratio": delivered / made_bps if made_bps not in (0, float("inf"))
@@ -310,6 +356,8 @@ def bench_keyrate(ctx: Ctx) -> list[dict[str, Any]]:
 
 
 KEYRATE_COLUMNS = [("pair", "pair", ""), ("hops", "hops", "d"), ("path", "links", ""),
+                   ("requests", "requests", "d"), ("seconds", "s", ".0f"),
+                   ("stocked_bits", "stocked bits", "d"),
                    ("rate_mean_bps", "mean b/s", ".1f"), ("rate_std_bps", "std b/s", ".1f"),
                    ("delivered_bps", "delivered b/s", ".1f"),
                    ("allowed_bps", "rate allows b/s", ".1f"),
@@ -456,6 +504,201 @@ ROUNDTRIP_COLUMNS = [("pair", "pair", ""), ("hops", "hops", "d"), ("rounds", "ro
                      ("pairs_per_s_min", "min", ".1f"), ("pairs_per_s_max", "max", ".1f")]
 
 
+def _retry_after(headers: dict[str, str]) -> float | None:
+    value = headers.get("retry-after")
+    return float(value) if value is not None and value.isdigit() else None
+
+
+def bench_scarcity(ctx: Ctx) -> list[dict[str, Any]]:
+    """Fig. 7 with the device stores empty: simultaneous requests wait for key (issue 11)."""
+    pairs = _pairs(ctx, lambda: [(_first_sae(ctx, ctx.manifest["kmstns"][0]["id"]),
+                                  _first_sae(ctx, ctx.manifest["kmstns"][1]["id"]))])
+    master, slave = pairs[0]
+    n = ctx.args.requests
+    budget_s = _wait_budget_s(ctx, ctx.sae_node(master))
+    # A client that waits longer than the gateway's own deadline would see a hang.
+    clients = [SaeClient.from_manifest(ctx.manifest, master, timeout=budget_s + 30)
+               for _ in range(n)]
+    for c in clients:
+        c.status(slave)
+    cost = qkd_cost(ctx.topology, ctx.sae_node(master), ctx.sae_node(slave))
+    rows = []
+    first = time.perf_counter()
+    raw = ctx.samples["scarcity"] = {"pair": f"{master}->{slave}", "concurrency": n,
+                                     "rounds": ctx.args.rounds, "wait_budget_s": budget_s,
+                                     "requests": []}
+    for round_no in range(1, ctx.args.rounds + 1):
+        drain_devices(ctx)
+        gen0 = generated_bits(ctx)
+        barrier = threading.Barrier(n + 1)
+        results: list[dict[str, Any]] = [{} for _ in range(n)]
+
+        def one(i: int, barrier: threading.Barrier, results: list[dict[str, Any]],
+                round_no: int) -> None:
+            barrier.wait()
+            t0 = time.perf_counter()
+            try:
+                status, body = clients[i].enc_keys(slave, 1, KEY_BITS)
+                retry = _retry_after(clients[i].last_headers)
+            except (OSError, TimeoutError) as exc:  # a hang: no answer in time
+                status, body, retry = 0, {"message": type(exc).__name__}, None
+                clients[i].close()
+            results[i] = {"round": round_no, "t_s": t0 - first, "status": status,
+                          "latency_ms": (time.perf_counter() - t0) * 1000,
+                          "retry_after_s": retry, "message": body.get("message", "")
+                          if status != 200 else ""}
+
+        threads = [threading.Thread(target=one, args=(i, barrier, results, round_no))
+                   for i in range(n)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        started = time.perf_counter()
+        # What the devices make within the budget, measured at its end.
+        time.sleep(budget_s)
+        gen_budget = generated_bits(ctx)
+        for t in threads:
+            t.join()
+        raw["requests"] += results
+        made = min(((gen_budget[lid] - gen0[lid]) / c for lid, c in cost.items() if c > 0),
+                   default=float("inf"))
+        servable = n if math.isinf(made) else min(n, int(made // KEY_BITS))
+        served = sum(1 for r in results if r["status"] == 200)
+        failed = [r for r in results if r["status"] != 200]
+        lat = [r["latency_ms"] for r in results]
+        rows.append({
+            "round": round_no, "pair": f"{master}->{slave}", "requests": n,
+            "servable_in_budget": servable, "served": served, "failed": len(failed),
+            "failed_servable": max(0, servable - served),
+            "failed_503_retry_after": sum(1 for r in failed if r["status"] == 503
+                                          and r["retry_after_s"] is not None),
+            "failed_other": sum(1 for r in failed if r["status"] != 503
+                                or r["retry_after_s"] is None),
+            "latency_min_ms": min(lat), "latency_median_ms": statistics.median(lat),
+            "latency_p95_ms": _pct(lat, 95), "latency_max_ms": max(lat),
+            "round_s": time.perf_counter() - started})
+        print(_table(rows[-1:], SCARCITY_COLUMNS).splitlines()[-1], flush=True)
+    for c in clients:
+        c.close()
+    return rows
+
+
+SCARCITY_COLUMNS = [("round", "round", "d"), ("pair", "pair", ""),
+                    ("requests", "requests", "d"),
+                    ("servable_in_budget", "supply serves in budget", "d"),
+                    ("served", "served", "d"), ("failed", "failed", "d"),
+                    ("failed_servable", "failed of servable", "d"),
+                    ("failed_503_retry_after", "503+Retry-After", "d"),
+                    ("failed_other", "other failures", "d"),
+                    ("latency_min_ms", "min ms", ".1f"),
+                    ("latency_median_ms", "p50 ms", ".1f"),
+                    ("latency_p95_ms", "p95 ms", ".1f"), ("latency_max_ms", "max ms", ".1f")]
+
+
+def _wait_budget_s(ctx: Ctx, node: str) -> float:
+    cfg = load_node_config(ctx.state / "nodes" / node / "node.toml")
+    return cfg.supply.wait_ms / 1000
+
+
+def _fairness_masters(ctx: Ctx) -> list[tuple[str, str]]:
+    by_node: dict[str, list[str]] = {}
+    for s in ctx.manifest["saes"]:
+        by_node.setdefault(s["kmstn"], []).append(s["id"])
+    nodes = [k["id"] for k in ctx.manifest["kmstns"]]
+    node = next((n for n in nodes if len(by_node.get(n, [])) > 1), None)
+    if node is None:
+        raise SystemExit("fairness needs a KMSTN with several SAEs (examples/fairness.toml)")
+    other = next(n for n in nodes if n != node)
+    return [(m, by_node[other][0]) for m in by_node[node]]
+
+
+def bench_fairness(ctx: Ctx) -> list[dict[str, Any]]:
+    """Several SAEs of one node compete for one link: delivered bits and Jain's index."""
+    from kme.flows.supply import jain_index
+
+    pairs = _pairs(ctx, lambda: _fairness_masters(ctx))
+    seconds = getattr(ctx.args, "seconds", 0) or 60
+    budget = _wait_budget_s(ctx, ctx.sae_node(pairs[0][0]))
+    rows: list[dict[str, Any]] = []
+    raw = ctx.samples["fairness"] = {"pairs": [f"{m}->{s}" for m, s in pairs],
+                                     "seconds": seconds, "phases": {}}
+    drain_devices(ctx)
+    for phase, greedy in (("fair", None), ("one greedy", pairs[-1][0])):
+        stop = time.monotonic() + seconds
+        tally: dict[str, dict[str, float]] = {
+            m: {"bits": 0, "served": 0, "over_quota": 0, "over_quota_retry_after": 0,
+                "other": 0} for m, _ in pairs}
+        events: list[tuple[float, str]] = []
+        lock = threading.Lock()
+        t_first = time.perf_counter()
+
+        def loop(master: str, slave: str, honour: bool, tally: dict[str, dict[str, float]],
+                 events: list[tuple[float, str]], stop: float, lock: threading.Lock,
+                 t_first: float) -> None:
+            client = SaeClient.from_manifest(ctx.manifest, master, timeout=budget + 30)
+            try:
+                while time.monotonic() < stop:
+                    # A greedy SAE also asks for more at once (a block of 4 keys).
+                    status, body = client.enc_keys(slave, 1 if honour else 4, KEY_BITS)
+                    retry = _retry_after(client.last_headers)
+                    with lock:
+                        mine = tally[master]
+                        if status == 200:
+                            mine["bits"] += KEY_BITS * len(body["keys"])
+                            mine["served"] += 1
+                            events.append((time.perf_counter() - t_first, master))
+                        elif "quota" in str(body.get("message", "")):
+                            mine["over_quota"] += 1
+                            mine["over_quota_retry_after"] += retry is not None
+                        else:
+                            mine["other"] += 1
+                    if status != 200:
+                        # A well-behaved SAE waits as told; a greedy one comes back at once.
+                        time.sleep(min(retry or 0.05, 5.0) if honour else 0.05)
+            finally:
+                client.close()
+
+        threads = []
+        for master, slave in pairs:
+            copies = 6 if master == greedy else 1
+            threads += [threading.Thread(target=loop, args=(master, slave, master != greedy,
+                                                            tally, events, stop, lock, t_first))
+                        for _ in range(copies)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t_first
+        fair_ones = [m for m, _ in pairs if m != greedy]
+        jain_all = jain_index([tally[m]["bits"] for m, _ in pairs])
+        jain_fair = jain_index([tally[m]["bits"] for m in fair_ones])
+        for master, _ in pairs:
+            t = tally[master]
+            rows.append({"phase": phase, "sae": master, "greedy": master == greedy,
+                         "delivered_bps": t["bits"] / wall, "served": int(t["served"]),
+                         "over_quota": int(t["over_quota"]),
+                         "over_quota_with_retry_after": int(t["over_quota_retry_after"]),
+                         "other_failures": int(t["other"]), "jain_all": jain_all,
+                         "jain_well_behaved": jain_fair})
+        raw["phases"][phase] = {"events": events, "wall_s": wall}
+        for r in rows[-len(pairs):]:
+            print(_table([r], FAIRNESS_TABLE).splitlines()[-1], flush=True)
+    fair = {r["sae"]: r["delivered_bps"] for r in rows if r["phase"] == "fair"}
+    for r in rows:
+        r["vs_fair_phase"] = r["delivered_bps"] / fair[r["sae"]] if fair[r["sae"]] else 0.0
+    return rows
+
+
+FAIRNESS_TABLE = [("phase", "phase", ""), ("sae", "SAE", ""), ("greedy", "greedy", ""),
+                    ("delivered_bps", "delivered b/s", ".1f"), ("served", "served", "d"),
+                    ("over_quota", "over quota", "d"),
+                    ("over_quota_with_retry_after", "with Retry-After", "d"),
+                    ("other_failures", "other failures", "d"),
+                    ("jain_all", "Jain (all)", ".3f"),
+                    ("jain_well_behaved", "Jain (well-behaved)", ".3f")]
+FAIRNESS_COLUMNS = [*FAIRNESS_TABLE, ("vs_fair_phase", "vs fair phase", ".2f")]
+
+
 def _cpu_seconds(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -533,6 +776,8 @@ def run_bench(kind: str, state: Path, args: Any) -> int:
                "delay": (bench_delay, DELAY_COLUMNS),
                "concurrency": (bench_concurrency, CONCURRENCY_COLUMNS),
                "resources": (bench_resources, RESOURCE_COLUMNS),
+               "scarcity": (bench_scarcity, SCARCITY_COLUMNS),
+               "fairness": (bench_fairness, FAIRNESS_COLUMNS),
                "roundtrip": (bench_roundtrip, ROUNDTRIP_COLUMNS)}
     for name in kinds:
         fn, columns = runners[name]

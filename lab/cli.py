@@ -11,7 +11,7 @@
     kmstn sae get-key --state DIR --sae SAE --slave SLAVE [--number N] [--size BITS]
     kmstn sae get-key-with-ids --state DIR --sae SAE --master MASTER KEY_ID...
     kmstn sae rotate --state DIR --sae SAE --peer PEER --role master|slave ...
-    kmstn bench keyrate|delay|concurrency|resources|roundtrip|all --state DIR
+    kmstn bench keyrate|delay|concurrency|resources|roundtrip|scarcity|fairness|all --state DIR
     kmstn dashboard --state DIR [--port 8090]    a live picture of a lab federation
     kmstn trace --state DIR KEY_ID               one key's path through a lab's logs
 
@@ -33,7 +33,7 @@ from kme.cli import Subcommands
 from kme.config import LOG_LEVELS, load_topology
 from lab.bench import run_bench
 from lab.dashboard import serve
-from lab.federation import Federation, FederationError
+from lab.federation import Federation, FederationError, read_node_settings
 from lab.federation_status import render_status
 from lab.logs import trace_key
 from lab.pki import CertificateAuthority, issue_for_topology
@@ -67,7 +67,8 @@ def cmd_federation(args: argparse.Namespace) -> int:
     state = Path(args.state)
     if args.federation_command == "up":
         fed = Federation(Path(args.topology), state, delivery=args.delivery,
-                         log_level=args.log_level, qkd_rate_scale=args.qkd_rate_scale)
+                         log_level=args.log_level, qkd_rate_scale=args.qkd_rate_scale,
+                         node_settings=read_node_settings(args.node_settings))
         try:
             manifest = fed.up(timeout=args.timeout, progress=print)
         except FederationError as exc:
@@ -136,6 +137,9 @@ def add_federation(sub: Subcommands) -> None:
     up.add_argument("--timeout", type=float, default=180.0)
     up.add_argument("--qkd-rate-scale", type=float, default=1.0,
                     help="multiply every emulated QKD link's key rate (e.g. 1000: not limiting)")
+    up.add_argument("--node-settings", default=None,
+                    help='TOML of node-file tables per node ("*" for all), e.g. '
+                         'examples/supply-stocks.toml')
     restart = fed_sub.add_parser(
         "restart", help="stop one service and start it again (labs: test recovery)")
     restart.add_argument("service", help="as in pids.json, e.g. KMSTN2/relay or QKD-1-2/qkdsim")
@@ -171,6 +175,8 @@ def add_bench(sub: Subcommands) -> None:
                        ("concurrency", "Fig. 7: simultaneous requests to one KMSTN"),
                        ("resources", "CPU seconds and peak RSS of every process"),
                        ("roundtrip", "enc_keys + dec_keys pairs per second at concurrency 1"),
+                       ("scarcity", "Fig. 7 with empty device stores: waits, 503 + Retry-After"),
+                       ("fairness", "SAEs of one node competing for one link: Jain's index"),
                        ("all", "keyrate, delay, concurrency and resources")):
         p = bench_sub.add_parser(name, help=text)
         p.add_argument("--state", required=True)
@@ -178,6 +184,9 @@ def add_bench(sub: Subcommands) -> None:
         p.add_argument("--requests", type=int, default=100)
         p.add_argument("--pairs", help="comma-separated MASTER:SLAVE SAE pairs")
         p.add_argument("--rounds", type=int, default=5)
+        p.add_argument("--seconds", type=float, default=0,
+                       help="keyrate: run each pair this long instead of --requests; "
+                            "fairness: length of each phase (default 60)")
         p.set_defaults(func=cmd_bench)
 
 

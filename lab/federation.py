@@ -47,6 +47,7 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,8 @@ from lab.pki import CertificateAuthority, Issued, LinkStateAuthority, issue_for_
 from lab.qkdsim.config import sim_healthy, write_sim_config
 from routing.client import RoutingClient
 
-__all__ = ["Federation", "FederationError", "ServiceSpec", "group_alive", "group_members"]
+__all__ = ["Federation", "FederationError", "ServiceSpec", "group_alive", "group_members",
+           "read_node_settings"]
 
 GRPC_SERVICES: Final[tuple[Literal["routing", "keyvault", "relay"], ...]] = (
     "routing", "keyvault", "relay")
@@ -129,10 +131,23 @@ def _https_healthy(host: str, port: int, ca: Path, cert: Issued, path: str = "/h
         return False
 
 
+def read_node_settings(path: str | Path | None) -> dict[str, dict[str, dict[str, Any]]]:
+    """Node-file tables to add per node: ``[KMSTN1.supply]``, ``["*".gateway]``."""
+    if path is None:
+        return {}
+    with Path(path).open("rb") as fh:
+        doc = tomllib.load(fh)
+    for node, tables in doc.items():
+        if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+            raise FederationError(str(path), f"{node}: must hold tables, e.g. [{node}.supply]")
+    return doc
+
+
 class Federation:
     def __init__(self, topology_path: Path, state_dir: Path, delivery: str = "confirmed",
                  log_level: str = "info", qkd_rate_scale: float = 1.0,
-                 linkstate: dict[str, Any] | None = None) -> None:
+                 linkstate: dict[str, Any] | None = None,
+                 node_settings: dict[str, dict[str, dict[str, Any]]] | None = None) -> None:
         self.state = state_dir.resolve()
         self.source_topology = topology_path.resolve()
         self.delivery = delivery
@@ -141,6 +156,8 @@ class Federation:
         self.qkd_rate_scale = qkd_rate_scale
         # Extra [linkstate] settings for every node file (timers).
         self.linkstate = dict(linkstate or {})
+        # Extra node-file tables per node ID, "*" for every node (read_node_settings).
+        self.node_settings = node_settings or {}
 
     # -- paths ---------------------------------------------------------------------
 
@@ -182,17 +199,19 @@ class Federation:
                 "node": node.id,
                 "data_dir": self.state / "nodes" / node.id / "data",
                 **tables[node.id],
-                "tls": {"ca": ca.cert_path, "cert": certs[node.id].cert,
-                        "key": certs[node.id].key},
-                "services": {s: f"unix:{run / (s + '.sock')}" for s in GRPC_SERVICES},
-                "log": {"level": self.log_level},
-                "gateway": {"delivery": self.delivery},
-                "keyvault": {"tpm": "swtpm"},
-                # Ephemeral metrics ports (several labs may share 127.0.0.x);
-                # the launcher reads each one from its log into federation.json.
-                "metrics": {f"{s}_port": 0 for s in DEFAULT_METRICS_PORTS},
-                "linkstate": {"key": key.key, "cert": key.cert, "ca": signing.cert_path,
-                              **self.linkstate},
+                **self._with_settings(node.id, {
+                    "tls": {"ca": ca.cert_path, "cert": certs[node.id].cert,
+                            "key": certs[node.id].key},
+                    "services": {s: f"unix:{run / (s + '.sock')}" for s in GRPC_SERVICES},
+                    "log": {"level": self.log_level},
+                    "gateway": {"delivery": self.delivery},
+                    "keyvault": {"tpm": "swtpm"},
+                    # Ephemeral metrics ports (several labs may share 127.0.0.x);
+                    # the launcher reads each one from its log into federation.json.
+                    "metrics": {f"{s}_port": 0 for s in DEFAULT_METRICS_PORTS},
+                    "linkstate": {"key": key.key, "cert": key.cert, "ca": signing.cert_path,
+                                  **self.linkstate},
+                }),
             }
             path = self.node_file(node.id)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +222,13 @@ class Federation:
         for link in topology.qkd_links:
             self._write_sim_config(link, ca, certs)
         return topology, certs, ca
+
+    def _with_settings(self, node: str, tables: dict[str, dict[str, Any]]
+                       ) -> dict[str, dict[str, Any]]:
+        for key in ("*", node):
+            for name, table in self.node_settings.get(key, {}).items():
+                tables[name] = {**tables.get(name, {}), **table}
+        return tables
 
     def _write_sim_config(self, link: QkdLink, ca: CertificateAuthority,
                           certs: dict[str, Issued]) -> Path:

@@ -15,6 +15,11 @@ concurrency.png           Fig. 7       latency of simultaneous requests over tim
                                        failures in red
 correlation.png           Fig. 8       correlation matrix of the per-pair variables
                                        the keyrate run has
+scarcity.png              Fig. 7       latency spread of simultaneous requests that find
+                                       the device stores empty (waits, issue 11)
+scarcity_over_time.png    Fig. 7       the same as concurrency.png draws it
+fairness.png              --           delivered bits per SAE over time, per phase,
+                                       with Jain's index (issue 11)
 ========================  ===========  =============================================
 
 Every axis says its unit; every title names the pair (or the master) and
@@ -134,7 +139,8 @@ def _delay_over_time(samples: Mapping[str, Any], meta: Mapping[str, Any], out: P
     return _save(fig, out / "delay_over_time.png")
 
 
-def _concurrency(samples: Mapping[str, Any], meta: Mapping[str, Any], out: Path) -> Path:
+def _concurrency(samples: Mapping[str, Any], meta: Mapping[str, Any], out: Path,
+                 name: str = "concurrency", note: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(9, 4.8))
     reqs = samples["requests"]
     ok = [r for r in reqs if r["status"] == 200]
@@ -147,9 +153,57 @@ def _concurrency(samples: Mapping[str, Any], meta: Mapping[str, Any], out: Path)
     ax.set_xlabel("time the request was sent, since the first round (s)")
     ax.set_ylabel("latency (ms)")
     ax.set_title(f"{samples['pair']}: {samples['concurrency']} simultaneous enc_keys per round, "
-                 f"{samples['rounds']} rounds (paper Fig. 7)\n{_setup(meta)}")
+                 f"{samples['rounds']} rounds (paper Fig. 7)\n{note}{_setup(meta)}")
     ax.legend()
-    return _save(fig, out / "concurrency.png")
+    return _save(fig, out / f"{name}.png")
+
+
+def _scarcity(samples: Mapping[str, Any], meta: Mapping[str, Any], out: Path) -> Path:
+    """Fig. 7 under scarcity: each round's latencies in order (the spread), failures red."""
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    rounds = sorted({r["round"] for r in samples["requests"]})
+    for rnd in rounds:
+        reqs = sorted((r for r in samples["requests"] if r["round"] == rnd),
+                      key=lambda r: r["latency_ms"])
+        ranks = list(range(1, len(reqs) + 1))
+        ax.plot(ranks, [r["latency_ms"] / 1000 for r in reqs], lw=1.2, label=f"round {rnd}")
+        bad = [(i, r) for i, r in zip(ranks, reqs, strict=True) if r["status"] != 200]
+        if bad:
+            ax.scatter([i for i, _ in bad], [r["latency_ms"] / 1000 for _, r in bad], s=14,
+                       color=FAIL, zorder=3)
+    failed = sum(1 for r in samples["requests"] if r["status"] != 200)
+    budget = samples.get("wait_budget_s", 0)
+    ax.axhline(budget, color="grey", ls="--", lw=0.8, label=f"wait budget {budget:g} s")
+    ax.set_xlabel("request, in order of its answer")
+    ax.set_ylabel("latency (s)")
+    ax.set_title(f"{samples['pair']}: {samples['concurrency']} simultaneous enc_keys, device "
+                 f"stores empty at each round's start\n{failed} failed (red: 503 + Retry-After)"
+                 f"; {_setup(meta)}")
+    ax.legend()
+    return _save(fig, out / "scarcity.png")
+
+
+def _fairness(rows: Sequence[Mapping[str, Any]], samples: Mapping[str, Any],
+              meta: Mapping[str, Any], out: Path) -> Path:
+    phases = list(samples["phases"])
+    fig, axes = _grid(len(phases), cols=len(phases), size=(6.0, 4.0))
+    saes = [p.split("->")[0] for p in samples["pairs"]]
+    for ax, phase in zip(axes, phases, strict=False):
+        events = samples["phases"][phase]["events"]
+        for sae in saes:
+            times = sorted(t for t, s in events if s == sae)
+            ax.step(times, [256 * (i + 1) / 1000 for i in range(len(times))], where="post",
+                    label=sae)
+        jain = next((r["jain_all"] for r in rows if r["phase"] == phase), float("nan"))
+        greedy = next((r["sae"] for r in rows if r["phase"] == phase and r["greedy"]), None)
+        ax.set_title(f"{phase}" + (f" ({greedy} greedy)" if greedy else "")
+                     + f": Jain {jain:.3f}")
+        ax.set_xlabel("time since the phase started (s)")
+        ax.set_ylabel("key delivered (kbit)")
+        ax.legend()
+    fig.suptitle(f"SAEs competing for one QKD link, {samples['seconds']:g} s per phase\n"
+                 f"{_setup(meta)}")
+    return _save(fig, out / "fairness.png")
 
 
 def _correlation(rows: Sequence[Mapping[str, Any]], samples: Mapping[str, Any],
@@ -208,6 +262,13 @@ def figures(name: str, rows: Sequence[Mapping[str, Any]], samples: Any,
         return [_delay(samples, meta, out), _delay_over_time(samples, meta, out)]
     if name == "concurrency":
         return [_concurrency(samples, meta, out)]
+    if name == "scarcity":
+        note = (f"device stores empty at each round's start, wait budget "
+                f"{samples.get('wait_budget_s', 0):g} s; ")
+        return [_scarcity(samples, meta, out),
+                _concurrency(samples, meta, out, "scarcity_over_time", note)]
+    if name == "fairness":
+        return [_fairness(rows, samples, meta, out)]
     return []
 
 
@@ -219,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.plots")
     parser.add_argument("dir", type=Path)
     args = parser.parse_args(argv)
-    for name in ("keyrate", "delay", "concurrency"):
+    for name in ("keyrate", "delay", "concurrency", "scarcity", "fairness"):
         path = args.dir / f"{name}.json"
         if path.exists():
             doc = json.loads(path.read_text())

@@ -33,16 +33,19 @@ class SaeClient:
         self._ctx.load_cert_chain(cert, key)
         self._timeout = timeout
         self._conn: http.client.HTTPSConnection | None = None
+        # The headers of the last answer (Retry-After, X-Request-ID).
+        self.last_headers: dict[str, str] = {}
 
     @classmethod
-    def from_manifest(cls, manifest_path: Path | dict[str, Any], sae_id: str) -> SaeClient:
+    def from_manifest(cls, manifest_path: Path | dict[str, Any], sae_id: str,
+                      timeout: float = 30.0) -> SaeClient:
         manifest = (json.loads(manifest_path.read_text()) if isinstance(manifest_path, Path)
                     else manifest_path)
         entry = next((s for s in manifest["saes"] if s["id"] == sae_id), None)
         if entry is None:
             raise SystemExit(f"SAE {sae_id!r} is not in the federation manifest")
         url = next(k["etsi014_url"] for k in manifest["kmstns"] if k["id"] == entry["kmstn"])
-        return cls(sae_id, url, entry["cert"], entry["key"], manifest["ca"])
+        return cls(sae_id, url, entry["cert"], entry["key"], manifest["ca"], timeout)
 
     def _request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
@@ -64,6 +67,7 @@ class SaeClient:
                 if attempt == 1 and not fresh:
                     continue  # the server closed an idle keep-alive connection
                 raise
+            self.last_headers = {k.lower(): v for k, v in resp.getheaders()}
             if resp.getheader("Connection", "").lower() == "close":
                 self.close()
             try:

@@ -72,7 +72,8 @@ def build(rt: Runtime) -> None:
     routes = TableFollower(internal_channel(config, "routing"), rt.log)
     flow_devices = FlowDevices(devices or QkdDevices(config), pools, reserved)
     flows = Flows(config, routes, vault, transport, flow_devices, vault, rt.log,
-                  workers=max(8, config.gateway.threads))
+                  workers=max(8, config.gateway.threads), stock_vault=vault,
+                  taken_bits=metrics.device_bits_taken)
     kmstn_peers = {str(p) for p in links.neighbours}
     relay_pb2_grpc.add_RelayServicer_to_server(
         RelayService(flows, sealer, opener, kmstn_peers, budget, rt.log), rt.server)
@@ -81,7 +82,7 @@ def build(rt: Runtime) -> None:
     relay_pb2_grpc.add_RelayPeerServicer_to_server(peer_service, peer_server)
     for name in ("Relay", "RelayPeer"):
         rt.serving(relay_pb2.DESCRIPTOR.services_by_name[name].full_name)
-    rt.on_start(flows.jobs.resume)
+    rt.on_start(flows.start)
     rt.on_stop(pools.close)
     rt.on_stop(transport.close)
     rt.on_stop(flows.close)

@@ -53,10 +53,11 @@ class RelayClient:
         self._timeout = timeout
 
     def get_keys(self, master: str, slaves: Sequence[str], number: int, size: int,
-                 deadline: Deadline) -> list[Key]:
-        """ETSI 014 Get key for ``master`` toward ``slaves`` (the path slave first)."""
+                 deadline: Deadline, wait_ms: int = 0) -> list[Key]:
+        """ETSI 014 Get key for ``master`` toward ``slaves`` (the path slave first);
+        ``wait_ms``: the master's own wait budget (0: the node's)."""
         req = relay_pb2.GetKeysRequest(master_sae_id=master, slave_sae_ids=list(slaves),
-                                       number=number, size_bits=size)
+                                       number=number, size_bits=size, wait_ms=wait_ms)
         resp = call(self._stub.GetKeys, req, max(deadline.remaining(), 0.01))
         return keys_from_proto(resp.keys)
 

@@ -14,7 +14,7 @@ from kme.errors import ErrorCode, KmstnError
 from kme.etsi014 import Status
 from kme.etsi020 import AckContainer
 from kme.qkd import QkdDeviceClient, QkdDevices
-from kme.types import Key, KeyGrant, NodeId, OutboxJob
+from kme.types import Key, KeyGrant, NodeId, OutboxJob, StockEntry, StockId
 from relay.hop import PeerPools
 from relay.hopkey import QKD_KEY_BITS
 from relay.qkdreserve import ReservedQkdKeys
@@ -51,6 +51,20 @@ class VaultPort:
     def due(self, limit: int) -> tuple[list[OutboxJob], datetime | None]:
         found = self._client.due_jobs(limit)
         return list(found.jobs), found.next_due_at
+
+    # Key stocks (issue 11): kme.flows.ports.StockVault.
+
+    def stock_put(self, stock: StockId, keys: Sequence[Key], expires_at: datetime) -> int:
+        return self._client.stock_put(stock, keys, expires_at)
+
+    def stock_settle(self, key_ids: Sequence[uuid.UUID], ready: bool) -> int:
+        return self._client.stock_settle(key_ids, ready)
+
+    def stock_take(self, stock: StockId, number: int, size_bits: int) -> list[Key]:
+        return self._client.stock_take(stock, number, size_bits)
+
+    def stock_list(self, limit: int = 0, states: Sequence[str] = ()) -> list[StockEntry]:
+        return self._client.stock_list(limit, states)
 
 
 class ReservingDevice:

@@ -76,7 +76,8 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         with kmelog.log_context(sae_id=request.master_sae_id):
             keys = self._flows.northbound.enc_keys(
                 request.master_sae_id, list(request.slave_sae_ids), request.number or 1,
-                request.size_bits, self._deadline(context), caller_alive=context.is_active)
+                request.size_bits, self._deadline(context), caller_alive=context.is_active,
+                wait_ms=request.wait_ms)
         metrics.count_key_bits("delivered", sum(k.size_bits for k in keys), "master")
         return relay_pb2.GetKeysResponse(keys=keys_to_proto(keys))
 

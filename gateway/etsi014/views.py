@@ -21,10 +21,28 @@ from gateway.auth import caller_identity
 from gateway.deps import Edge
 from kme import flows, metrics
 from kme import log as kmelog
+from kme.errors import ErrorCode, KmstnError
 from kme.flows import limits_for, own_sae
 from kme.types import Deadline, sae_id
 
 blueprint = Blueprint("etsi014", __name__)
+
+# kmstn's Key request extension (issue 11): how long, in ms, the master will
+# wait for key when too little is at hand; the node's [supply] wait_ms caps it.
+WAIT_EXTENSION = "kmstn_wait_ms"
+
+
+def _wait_ms(req: etsi014.KeyRequest) -> int:
+    """The master's wait budget from ``kmstn_wait_ms`` (0: the node's own)."""
+    for entry in (*req.extension_mandatory, *req.extension_optional):
+        if WAIT_EXTENSION in entry:
+            value = entry[WAIT_EXTENSION]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise KmstnError(ErrorCode.INVALID_ARGUMENT,
+                                 f"{WAIT_EXTENSION} must be a non-negative integer (ms)")
+            # 0 means "do not wait": 1 ms is the least the relay distinguishes from its own.
+            return max(1, min(value, 2**31))
+    return 0
 
 
 def _edge() -> Edge:
@@ -56,11 +74,12 @@ def enc_keys(slave: str) -> Response:
         assert edge.routes is not None  # noqa: S101 - the 014 edge is built with routes
         limits, _ = limits_for(edge.config, edge.routes, slave)
         req = etsi014.read_key_request(request.method, request.args.to_dict(flat=False),
-                                       request.get_data(), limits)
+                                       request.get_data(), limits,
+                                       supported_extensions=(WAIT_EXTENSION,))
         etsi014.check_slaves(master, slave, req, limits)
         deadline = Deadline.after(edge.config.gateway.relay_timeout_ms / 1000)
         keys = edge.relay.get_keys(master, (slave, *req.additional_slave_sae_ids), req.number,
-                                   req.size, deadline)
+                                   req.size, deadline, wait_ms=_wait_ms(req))
         return json_response(etsi014.key_container(keys))
 
 

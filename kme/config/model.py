@@ -44,7 +44,10 @@ __all__ = [
     "QkdDeviceAccess",
     "QkdLink",
     "QkdSimSettings",
+    "QuotaSettings",
     "RelaySettings",
+    "StockSettings",
+    "SupplySettings",
     "TlsFiles",
     "Topology",
     "TpmMode",
@@ -291,6 +294,60 @@ MAX_SAE_ID_COUNT: Final = 8
 CSPRNG_MAX_KEY_COUNT: Final = 100_000
 CSPRNG_MAX_PER_REQUEST: Final = 128
 
+
+@dataclass(frozen=True, slots=True)
+class StockSettings:
+    """A key stock toward one destination KMSTN (issue 11), filled for named SAE pairs.
+
+    Each (master, slave) pair has its own stock: the slave's node holds each
+    stocked key for exactly that slave, as it holds any relayed key.
+    """
+
+    destination: NodeId
+    pairs: tuple[tuple[SaeId, SaeId], ...]
+    # Most keys held per pair; a fill tops the stock up to it.
+    keys: int = 64
+    # Fraction of the source QKD link's measured key rate fills may use.
+    share: float = 0.5
+    # Keys per fill message (one relay, one QKD hop key per QKD hop).
+    batch: int = 16
+    # A stocked key is handed out at most this long after its fill, then
+    # voided at the destination; keep it below the destination's key_ttl_s.
+    ttl_s: int = 3600
+    key_size: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaSettings:
+    """A token bucket on key bits for one master SAE, or one (master, slave) pair."""
+
+    sae: SaeId
+    rate_bps: float
+    burst_bits: int
+    slave: SaeId | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SupplySettings:
+    """How this node matches key supply to demand (issue 11); the defaults are today's
+    behaviour: no stocks, no quotas, a Get key that finds too little key fails at once."""
+
+    # How long a Get key waits for key when too little is at hand (0: fail
+    # at once). The 014 gateway's relay_timeout_ms must exceed it.
+    wait_ms: int = 0
+    # Deficit round robin quantum: key bits each waiting SAE may take per round.
+    quantum_bits: int = 256
+    # How often the relay reads its devices' stored_key_count while requests
+    # wait or stocks fill (the arrival of key wakes them).
+    poll_ms: int = 50
+    stocks: tuple[StockSettings, ...] = ()
+    quotas: tuple[QuotaSettings, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.wait_ms or self.stocks or self.quotas)
+
+
 MetricsService = Literal["routing", "keyvault", "relay", "etsi014", "etsi020"]
 
 # Where each process of a node serves its Prometheus metrics by default: one
@@ -386,6 +443,7 @@ class NodeConfig:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     # Signed link state; None: routes come from the configuration alone.
     linkstate: LinkStateSettings | None = None
+    supply: SupplySettings = field(default_factory=SupplySettings)
 
     @property
     def metrics_host(self) -> str:

@@ -36,13 +36,16 @@ from kme.config.model import (
     MetricsSettings,
     NodeConfig,
     QkdDeviceAccess,
+    QuotaSettings,
     RelaySettings,
+    StockSettings,
+    SupplySettings,
     TlsFiles,
     Topology,
 )
 from kme.config.reader import EX_CONFIG, ConfigError, Table, read_toml
 from kme.config.topology import host_field, load_topology, read_topology
-from kme.types import NodeId
+from kme.types import NodeId, SaeId
 
 __all__ = ["load_node_config", "load_or_exit"]
 
@@ -137,6 +140,10 @@ def load_node_config(path: str | Path) -> NodeConfig:
                                           "a topology file (routes as configured)")
         linkstate = _read_linkstate(root.table("linkstate", LinkStateSettings,
                                                required=("key", "cert", "ca")))
+    # A per-node file knows only the neighbourhood: SAEs and nodes further away
+    # are checked when a key is asked for, not here.
+    supply = _read_supply(root.table("supply", SupplySettings), topology, node, gateway,
+                          complete="topology" in root.data)
 
     my_links = {link.id: link for link in topology.links_of(node.id) if link.kind == "qkd"}
     devices: dict[str, QkdDeviceAccess] = {}
@@ -165,7 +172,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
         keyvault_endpoint=endpoints["keyvault"], routing_endpoint=endpoints["routing"],
         relay_endpoint=endpoints["relay"], log_level=level, gateway=gateway,
         keyvault=keyvault, relay=relay, qkd_devices=devices, metrics=metrics,
-        linkstate=linkstate,
+        linkstate=linkstate, supply=supply,
     )
 
 
@@ -286,3 +293,65 @@ def _read_metrics(m: Table, node: Kmstn) -> MetricsSettings:
     poll = m.number("device_poll_s", nonnegative=True)
     m.close()
     return MetricsSettings(enabled=enabled, host=host, ports=ports, device_poll_s=poll)
+
+
+def _pair(t: Table, key: str, text: str, topology: Topology, node: Kmstn,
+          complete: bool) -> tuple[SaeId, SaeId]:
+    master, sep, slave = text.partition(":")
+    if not sep or not master or not slave:
+        raise t.error(key, f"must be \"MASTER:SLAVE\", got {text!r}")
+    for sae in (master, slave) if complete else (master,):
+        if sae not in topology.saes:
+            raise t.error(key, f"SAE {sae!r} is not in the topology")
+    if topology.saes[SaeId(master)] != node.id:
+        raise t.error(key, f"master SAE {master!r} is not served by {node.id}")
+    return SaeId(master), SaeId(slave)
+
+
+def _read_supply(t: Table, topology: Topology, node: Kmstn,
+                 gateway: GatewaySettings, *, complete: bool = True) -> SupplySettings:
+    """``complete``: the topology names every node and SAE (a topology file); a per-node
+    file names only neighbours, so a stock's far destination and slave are taken as
+    written (a wrong one fails its fills, visibly, and serves nobody)."""
+    wait_ms = t.integer("wait_ms", lo=0, hi=300_000)
+    if wait_ms and wait_ms + 1000 > gateway.relay_timeout_ms:
+        # The gateway's deadline for the relay call must cover the wait and
+        # the delivery after it.
+        raise t.error("wait_ms", f"{wait_ms} leaves no time within gateway.relay_timeout_ms "
+                                 f"= {gateway.relay_timeout_ms}; raise that to at least "
+                                 f"{wait_ms + 1000}")
+    stocks: list[StockSettings] = []
+    for st in t.tables("stocks", StockSettings):
+        dest = st.text("destination")
+        if dest == node.id or (complete and dest not in topology.kmstns):
+            raise st.error("destination", f"{dest!r} is not another KMSTN of the topology")
+        pairs = tuple(_pair(st, "pairs", p, topology, node, complete)
+                      for p in st.strings("pairs"))
+        for _, slave in pairs:
+            if complete and topology.saes[slave] != dest:
+                raise st.error("pairs", f"slave SAE {slave!r} is not served by {dest}")
+        ttl = st.integer("ttl_s", lo=1)
+        stocks.append(StockSettings(
+            destination=NodeId(dest), pairs=pairs, keys=st.integer("keys", lo=1, hi=100_000),
+            share=st.number("share"), batch=st.integer("batch", lo=1, hi=128), ttl_s=ttl,
+            key_size=st.integer("key_size", lo=8, hi=65_536)))
+        if stocks[-1].share > 1:
+            raise st.error("share", f"must be at most 1, got {stocks[-1].share}")
+        st.close()
+    quotas: list[QuotaSettings] = []
+    for q in t.tables("quotas", QuotaSettings):
+        sae = q.text("sae")
+        if topology.saes.get(SaeId(sae)) != node.id:
+            raise q.error("sae", f"SAE {sae!r} is not served by {node.id}")
+        peer = str(q.text("slave", ""))
+        if peer and complete and peer not in topology.saes:
+            raise q.error("slave", f"SAE {peer!r} is not in the topology")
+        quotas.append(QuotaSettings(SaeId(sae), q.number("rate_bps"),
+                                    q.integer("burst_bits", lo=1),
+                                    SaeId(peer) if peer else None))
+        q.close()
+    supply = SupplySettings(wait_ms=wait_ms, quantum_bits=t.integer("quantum_bits", lo=1),
+                            poll_ms=t.integer("poll_ms", lo=5, hi=60_000),
+                            stocks=tuple(stocks), quotas=tuple(quotas))
+    t.close()
+    return supply

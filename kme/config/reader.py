@@ -306,6 +306,15 @@ class Table:
             raise self.error(key, f"file not found: {path}")
         return path
 
+    def strings(self, key: str) -> tuple[str, ...]:
+        """A required, non-empty array of strings."""
+        value = self._lookup(key)
+        if value is _UNSET:
+            raise self.error(key, "is required")
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise self.error(key, "must be a non-empty array of strings")
+        return tuple(value)
+
     # -- nested tables -------------------------------------------------------------
 
     def table(self, key: str, model: type | None = None,

@@ -28,6 +28,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kme.config import (
     CSPRNG_MAX_KEY_COUNT,
@@ -42,6 +43,10 @@ from kme.flows.context import Context
 from kme.flows.delivery import Delivery, Placement
 from kme.flows.ports import Device, Routes
 from kme.types import Deadline, Key, NodeId, SecretBytes
+
+if TYPE_CHECKING:
+    from kme.flows.stocks import Stocks
+    from kme.flows.supply import Quotas, Supply
 
 __all__ = ["MAX_SAE_ID_COUNT", "Northbound", "Source", "dec_keys", "draw", "limits_for",
            "own_sae", "source_of"]
@@ -130,9 +135,17 @@ class Northbound:
     # A device's stored_key_count is read at most this often for Get status.
     STATUS_MAX_AGE_S = 1.0
 
-    def __init__(self, ctx: Context, delivery: Delivery) -> None:
+    # Time kept back from a request's deadline for the delivery after a wait.
+    WAIT_MARGIN_S = 1.0
+
+    def __init__(self, ctx: Context, delivery: Delivery, supply: Supply | None = None,
+                 stocks: Stocks | None = None, quotas: Quotas | None = None) -> None:
         self._ctx = ctx
         self._delivery = delivery
+        # Issue 11 (all None when the node file has no [supply]: today's behaviour).
+        self._supply = supply
+        self._stocks = stocks
+        self._quotas = quotas
         # Devices' stored_key_count as last read, and draws so far, per link.
         self._stored: dict[str, tuple[float, int]] = {}
         self._draws: dict[str, int] = defaultdict(int)
@@ -158,6 +171,11 @@ class Northbound:
         stored = 0
         if self._reachable(dest):
             stored = max_count if source.link is None else self._stored_on(source.link.id)
+            if self._stocks is not None:
+                # Keys already relayed for exactly this pair count too (issue 11).
+                plan = self._stocks.plan_for(master, [slave], limits.key_size)
+                if plan is not None:
+                    stored += self._stocks.level(plan.stock)
         stored = min(stored, max_count)
         return Status.of(source_kme_id=self._ctx.node, target_kme_id=dest,
                          master_sae_id=master, slave_sae_id=slave, limits=limits,
@@ -169,6 +187,10 @@ class Northbound:
         A poller must not cost one device round trip per probe; a draw through
         this node forgets the copy, so the count after its own enc_keys is exact.
         """
+        if self._supply is not None:
+            reading = self._supply.reading(link_id)
+            if reading is not None:  # the supply poller reads the device anyway
+                return reading.stored_keys
         now = time.monotonic()
         with self._stored_lock:
             seen, draws = self._stored.get(link_id), self._draws[link_id]
@@ -203,11 +225,86 @@ class Northbound:
         return True
 
     def enc_keys(self, master: str, slaves: Sequence[str], number: int, size: int,
-                 deadline: Deadline, caller_alive: Callable[[], bool] = lambda: True
-                 ) -> list[Key]:
-        """Get key (ETSI 014 clause 5.2) for a master served here, toward every slave."""
+                 deadline: Deadline, caller_alive: Callable[[], bool] = lambda: True,
+                 wait_ms: int = 0) -> list[Key]:
+        """Get key (ETSI 014 clause 5.2) for a master served here, toward every slave.
+
+        With [supply] (issue 11): the master's quotas are charged first (over
+        quota: OVER_QUOTA at once); a stock for exactly this pair serves it
+        with no relay; otherwise, when the device has too little key, the
+        request waits its turn up to ``wait_ms`` (at most the node's budget)
+        before INSUFFICIENT_KEY with Retry-After.
+        """
+        own_sae(self._ctx.config, master, self._ctx.routes)
+        if self._quotas is None:
+            return self._enc_keys(master, slaves, number, size, deadline, caller_alive, wait_ms)
+        refund = self._quotas.charge(master, slaves, number * size)
+        try:
+            return self._enc_keys(master, slaves, number, size, deadline, caller_alive, wait_ms)
+        except KmstnError:
+            refund()  # nothing was delivered: the bits are the master's again
+            raise
+
+    def _wait_until(self, wait_ms: int, deadline: Deadline) -> float:
+        """The monotonic time a waiting request gives up: its budget, within its deadline."""
+        budget = self._ctx.config.supply.wait_ms
+        if wait_ms:
+            budget = min(budget, wait_ms)
+        limit = min(budget / 1000, deadline.remaining() - self.WAIT_MARGIN_S)
+        return time.monotonic() + max(0.0, limit)
+
+    def _draw(self, source: Source, device: Device | None, master: str, number: int,
+              size: int, deadline: Deadline, wait_ms: int) -> list[Key]:
+        """Draw from the device; with a wait budget, wait for key in fair order."""
+        supply = self._supply
+        link = source.link
+        if link is None or supply is None or not self._ctx.config.supply.wait_ms:
+            if link is not None:
+                self._forget_stored(link.id)
+            return draw(device, number, size, for_neighbour=source.direct is not None)
+        until = self._wait_until(wait_ms, deadline)
+        per_key = max(1, -(-size // link.key_size))
+        turn = None
+        if supply.must_queue(link.id):  # others wait already: no jumping the queue
+            turn = supply.wait_turn(link.id, master, number * per_key, number * size, until)
+        try:
+            while True:
+                self._forget_stored(link.id)
+                try:
+                    keys = draw(device, number, size, for_neighbour=source.direct is not None)
+                except KmstnError as exc:
+                    if exc.code is not ErrorCode.INSUFFICIENT_KEY:
+                        raise
+                    supply.drew(link.id)  # the last reading was too high
+                    if turn is not None:
+                        supply.done(link.id, turn)
+                    turn = supply.wait_turn(link.id, master, number * per_key, number * size,
+                                            until, front=turn is not None)
+                    continue
+                supply.drew(link.id, number * per_key)
+                return keys
+        finally:
+            if turn is not None:
+                supply.done(link.id, turn)
+
+    def _enc_keys(self, master: str, slaves: Sequence[str], number: int, size: int,
+                  deadline: Deadline, caller_alive: Callable[[], bool], wait_ms: int
+                  ) -> list[Key]:
         ctx = self._ctx
-        own_sae(ctx.config, master, ctx.routes)
+        if self._stocks is not None:
+            plan = self._stocks.plan_for(master, slaves, size)
+            if plan is not None:
+                stocked = self._stocks.take(plan, number)
+                if stocked is not None:
+                    # Held at the slave's node already (settled only after its
+                    # ack), so confirmed mode needs no relay here.
+                    if not caller_alive():
+                        self._delivery.void_everywhere(
+                            Placement.of(stocked, master, {NodeId(plan.stock.destination):
+                                                           plan.stock.slaves}, None, None),
+                            {}, deadline)
+                        raise KmstnError(ErrorCode.TIMEOUT, "the master SAE's request went away")
+                    return stocked
         by_dest: dict[NodeId, list[str]] = defaultdict(list)
         for t in slaves:
             by_dest[ctx.node_of(t)].append(t)
@@ -219,9 +316,7 @@ class Northbound:
             if d not in (ctx.node, source.direct):
                 ctx.routes.route_to_node(d)
         deadline.require("taking keys")
-        if source.link is not None:
-            self._forget_stored(source.link.id)
-        keys = draw(device, number, size, for_neighbour=source.direct is not None)
+        keys = self._draw(source, device, master, number, size, deadline, wait_ms)
         placement = Placement.of(keys, master, {d: tuple(s) for d, s in by_dest.items()},
                                  source.link.id if source.link else None, source.direct)
         if ctx.node in by_dest:

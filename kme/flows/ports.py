@@ -17,10 +17,10 @@ from kme.config import QkdLink
 from kme.etsi014 import Status
 from kme.etsi020 import AckContainer, ExtKeyContainer, VoidContainer
 from kme.flows.messages import AckMessage, DeviceKeysNotice
-from kme.types import Deadline, Key, KeyGrant, NodeId, OutboxJob, SaeId
+from kme.types import Deadline, Key, KeyGrant, NodeId, OutboxJob, SaeId, StockEntry, StockId
 
 __all__ = ["Device", "Devices", "Hop", "Job", "JobStore", "Outgoing", "RouteLike", "Routes",
-           "Vault"]
+           "StockVault", "Vault"]
 
 # What one hop can carry to a neighbour.
 Outgoing = ExtKeyContainer | VoidContainer | DeviceKeysNotice | AckMessage
@@ -52,6 +52,16 @@ class Vault(Protocol):
              target_sae_ids: Sequence[str], all_confirmation: bool = False,
              upstream: NodeId | None = None) -> list[AckContainer]:
         """ETSI 020 void here; with ``upstream``, only keys that came from it."""
+
+
+class StockVault(Protocol):
+    """The keyvault's key stocks (issue 11; keyvault/stocks.py)."""
+
+    def stock_put(self, stock: StockId, keys: Sequence[Key], expires_at: datetime) -> int: ...
+    def stock_settle(self, key_ids: Sequence[uuid.UUID], ready: bool) -> int: ...
+    def stock_take(self, stock: StockId, number: int, size_bits: int) -> list[Key]:
+        """``number`` ready keys, each handed out once; INSUFFICIENT_KEY if fewer."""
+    def stock_list(self, limit: int = 0, states: Sequence[str] = ()) -> list[StockEntry]: ...
 
 
 # Pending work is the keyvault's outbox job: one type for the concept.

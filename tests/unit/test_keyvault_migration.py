@@ -8,6 +8,7 @@ taken, one voided, and a void that overtook a key never stored.
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 import uuid
 from pathlib import Path
@@ -20,7 +21,7 @@ from keyvault.db import SCHEMA_VERSION
 from keyvault.records import RecordCipher, derive_db_key
 from keyvault.store import Vault
 from kme.errors import ErrorCode, KmstnError
-from kme.types import Key, SecretBytes
+from kme.types import Key, SecretBytes, StockId
 from tests.unit.vaultkit import T0, Clock, code_of, job, rec
 
 VECTOR = Path(__file__).resolve().parent.parent / "vectors" / "keyvault-schema1.db"
@@ -119,11 +120,18 @@ def test_a_schema_1_file_opens_migrated_and_keeps_every_key(old_file: Path,
         j = job()
         vault.put_jobs([j])
         assert [x.job_id for x in vault.due_jobs(10).jobs] == [j.job_id]
+        # Schema 3: the key stocks (issue 11) work in the migrated file too.
+        stock = StockId("B", "sae-m", ("sae-s",))
+        stocked = Key(uuid.uuid4(), SecretBytes(bytes(range(32))), 256)
+        vault.stock_put(stock, [stocked], dt.datetime.fromtimestamp(T0 + 3600, dt.UTC))
+        assert code_of(vault.stock_take, stock, 1, 256) is ErrorCode.INSUFFICIENT_KEY
+        vault.stock_settle([stocked.key_id], ready=True)
+        assert vault.stock_take(stock, 1, 256) == [stocked]
     finally:
         vault.close()
 
     conn = _connect(old_file)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     conn.close()
     # A migrated file has exactly the schema of a new one.
     fresh = tmp_path / "fresh.db"

@@ -709,3 +709,253 @@ class ListDueJobsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListDueJobsResponse: _TypeAlias = ListDueJobsResponse  # noqa: Y015
+
+@_typing.final
+class StockId(_message.Message):
+    """One stock: keys relayed to destination_node_id for one master and its slaves."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESTINATION_NODE_ID_FIELD_NUMBER: _builtins.int
+    MASTER_SAE_ID_FIELD_NUMBER: _builtins.int
+    SLAVE_SAE_IDS_FIELD_NUMBER: _builtins.int
+    destination_node_id: _builtins.str
+    master_sae_id: _builtins.str
+    @_builtins.property
+    def slave_sae_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        destination_node_id: _builtins.str = ...,
+        master_sae_id: _builtins.str = ...,
+        slave_sae_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination_node_id", b"destination_node_id", "master_sae_id", b"master_sae_id", "slave_sae_ids", b"slave_sae_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StockId: _TypeAlias = StockId  # noqa: Y015
+
+@_typing.final
+class StockPutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STOCK_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def stock(self) -> Global___StockId: ...
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.KeyMaterial]: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the keys may no longer be handed out (required)."""
+
+    def __init__(
+        self,
+        *,
+        stock: Global___StockId | None = ...,
+        keys: _abc.Iterable[_common_pb2.KeyMaterial] | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "stock", b"stock"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "keys", b"keys", "stock", b"stock"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StockPutRequest: _TypeAlias = StockPutRequest  # noqa: Y015
+
+@_typing.final
+class StockPutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORED_FIELD_NUMBER: _builtins.int
+    stored: _builtins.int
+    def __init__(
+        self,
+        *,
+        stored: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stored", b"stored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StockPutResponse: _TypeAlias = StockPutResponse  # noqa: Y015
+
+@_typing.final
+class StockSettleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_IDS_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    ready: _builtins.bool
+    """true: pending keys become ready; false: the keys are deleted."""
+    @_builtins.property
+    def key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        key_ids: _abc.Iterable[_builtins.str] | None = ...,
+        ready: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_ids", b"key_ids", "ready", b"ready"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StockSettleRequest: _TypeAlias = StockSettleRequest  # noqa: Y015
+
+@_typing.final
+class StockSettleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_FIELD_NUMBER: _builtins.int
+    changed: _builtins.int
+    """Entries changed (unknown IDs are skipped)."""
+    def __init__(
+        self,
+        *,
+        changed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StockSettleResponse: _TypeAlias = StockSettleResponse  # noqa: Y015
+
+@_typing.final
+class StockTakeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STOCK_FIELD_NUMBER: _builtins.int
+    NUMBER_FIELD_NUMBER: _builtins.int
+    SIZE_BITS_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    size_bits: _builtins.int
+    @_builtins.property
+    def stock(self) -> Global___StockId: ...
+    def __init__(
+        self,
+        *,
+        stock: Global___StockId | None = ...,
+        number: _builtins.int = ...,
+        size_bits: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stock", b"stock"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["number", b"number", "size_bits", b"size_bits", "stock", b"stock"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StockTakeRequest: _TypeAlias = StockTakeRequest  # noqa: Y015
+
+@_typing.final
+class StockTakeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.KeyMaterial]: ...
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[_common_pb2.KeyMaterial] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StockTakeResponse: _TypeAlias = StockTakeResponse  # noqa: Y015
+
+@_typing.final
+class StockEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    STOCK_FIELD_NUMBER: _builtins.int
+    SIZE_BITS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    size_bits: _builtins.int
+    state: _builtins.str
+    """"pending" (its fill is in flight, or was cut by a crash), "ready" (held
+    at the destination, not handed out yet) or "handed" (given to the
+    master; kept without bytes until it expires, so both ends can be compared).
+    """
+    @_builtins.property
+    def stock(self) -> Global___StockId: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        stock: Global___StockId | None = ...,
+        size_bits: _builtins.int = ...,
+        state: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "stock", b"stock"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "key_id", b"key_id", "size_bits", b"size_bits", "state", b"state", "stock", b"stock"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StockEntry: _TypeAlias = StockEntry  # noqa: Y015
+
+@_typing.final
+class StockListRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """Page size; 0 means every entry."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only entries in these states ("pending", "ready", "handed"); empty: all."""
+
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        states: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "states", b"states"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StockListRequest: _TypeAlias = StockListRequest  # noqa: Y015
+
+@_typing.final
+class StockListResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___StockEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___StockEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StockListResponse: _TypeAlias = StockListResponse  # noqa: Y015

@@ -84,6 +84,26 @@ class KeyVaultStub:
                 request_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.ListDueJobsRequest.SerializeToString,
                 response_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.ListDueJobsResponse.FromString,
                 _registered_method=True)
+        self.StockPut = channel.unary_unary(
+                '/kme.rpc.v1.KeyVault/StockPut',
+                request_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockPutRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockPutResponse.FromString,
+                _registered_method=True)
+        self.StockSettle = channel.unary_unary(
+                '/kme.rpc.v1.KeyVault/StockSettle',
+                request_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockSettleRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockSettleResponse.FromString,
+                _registered_method=True)
+        self.StockTake = channel.unary_unary(
+                '/kme.rpc.v1.KeyVault/StockTake',
+                request_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockTakeRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockTakeResponse.FromString,
+                _registered_method=True)
+        self.StockList = channel.unary_unary(
+                '/kme.rpc.v1.KeyVault/StockList',
+                request_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockListRequest.SerializeToString,
+                response_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockListResponse.FromString,
+                _registered_method=True)
 
 
 class KeyVaultServicer:
@@ -189,6 +209,42 @@ class KeyVaultServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StockPut(self, request, context):
+        """Key stocks (issue 11): keys this node already relayed to a destination
+        KMSTN, held there for one SAE pair, and kept here until the master SAE
+        asks. A fill records its keys "pending" before they travel; once the
+        destination acknowledged them they are settled "ready" (handed out by
+        StockTake, oldest first, each once) or, after a failure, deleted.
+        Record keys of one stock as pending (all or none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StockSettle(self, request, context):
+        """Mark pending keys ready, or delete entries (whatever their state).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StockTake(self, request, context):
+        """Take ``number`` ready, unexpired keys of one stock, all or none
+        (RESOURCE_EXHAUSTED when fewer are ready); the same transaction that
+        returns them marks them handed and deletes their bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StockList(self, request, context):
+        """Every stock entry, without bytes (levels, recovery after a restart,
+        expiry, and the check that both ends of a stock agree).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyVaultServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -241,6 +297,26 @@ def add_KeyVaultServicer_to_server(servicer, server):
                     servicer.ListDueJobs,
                     request_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.ListDueJobsRequest.FromString,
                     response_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.ListDueJobsResponse.SerializeToString,
+            ),
+            'StockPut': grpc.unary_unary_rpc_method_handler(
+                    servicer.StockPut,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockPutRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockPutResponse.SerializeToString,
+            ),
+            'StockSettle': grpc.unary_unary_rpc_method_handler(
+                    servicer.StockSettle,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockSettleRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockSettleResponse.SerializeToString,
+            ),
+            'StockTake': grpc.unary_unary_rpc_method_handler(
+                    servicer.StockTake,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockTakeRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockTakeResponse.SerializeToString,
+            ),
+            'StockList': grpc.unary_unary_rpc_method_handler(
+                    servicer.StockList,
+                    request_deserializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockListRequest.FromString,
+                    response_serializer=kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockListResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -513,6 +589,114 @@ class KeyVault:
             '/kme.rpc.v1.KeyVault/ListDueJobs',
             kme_dot_rpc_dot_v1_dot_keyvault__pb2.ListDueJobsRequest.SerializeToString,
             kme_dot_rpc_dot_v1_dot_keyvault__pb2.ListDueJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StockPut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kme.rpc.v1.KeyVault/StockPut',
+            kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockPutRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockPutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StockSettle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kme.rpc.v1.KeyVault/StockSettle',
+            kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockSettleRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockSettleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StockTake(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kme.rpc.v1.KeyVault/StockTake',
+            kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockTakeRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockTakeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StockList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kme.rpc.v1.KeyVault/StockList',
+            kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockListRequest.SerializeToString,
+            kme_dot_rpc_dot_v1_dot_keyvault__pb2.StockListResponse.FromString,
             options,
             channel_credentials,
             insecure,

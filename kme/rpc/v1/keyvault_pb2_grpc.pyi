@@ -93,6 +93,25 @@ class KeyVaultStub:
     Expired jobs are deleted by the vault's expiry sweep (and logged), never
     listed.
     """
+    StockPut: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.StockPutRequest, _keyvault_pb2.StockPutResponse]
+    """Key stocks (issue 11): keys this node already relayed to a destination
+    KMSTN, held there for one SAE pair, and kept here until the master SAE
+    asks. A fill records its keys "pending" before they travel; once the
+    destination acknowledged them they are settled "ready" (handed out by
+    StockTake, oldest first, each once) or, after a failure, deleted.
+    Record keys of one stock as pending (all or none).
+    """
+    StockSettle: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.StockSettleRequest, _keyvault_pb2.StockSettleResponse]
+    """Mark pending keys ready, or delete entries (whatever their state)."""
+    StockTake: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.StockTakeRequest, _keyvault_pb2.StockTakeResponse]
+    """Take ``number`` ready, unexpired keys of one stock, all or none
+    (RESOURCE_EXHAUSTED when fewer are ready); the same transaction that
+    returns them marks them handed and deletes their bytes.
+    """
+    StockList: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.StockListRequest, _keyvault_pb2.StockListResponse]
+    """Every stock entry, without bytes (levels, recovery after a restart,
+    expiry, and the check that both ends of a stock agree).
+    """
 
 @_typing.type_check_only
 class KeyVaultAsyncStub(KeyVaultStub):
@@ -153,6 +172,25 @@ class KeyVaultAsyncStub(KeyVaultStub):
     """Jobs due now and not expired, oldest first, with their payloads.
     Expired jobs are deleted by the vault's expiry sweep (and logged), never
     listed.
+    """
+    StockPut: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.StockPutRequest, _keyvault_pb2.StockPutResponse]  # type: ignore[assignment]
+    """Key stocks (issue 11): keys this node already relayed to a destination
+    KMSTN, held there for one SAE pair, and kept here until the master SAE
+    asks. A fill records its keys "pending" before they travel; once the
+    destination acknowledged them they are settled "ready" (handed out by
+    StockTake, oldest first, each once) or, after a failure, deleted.
+    Record keys of one stock as pending (all or none).
+    """
+    StockSettle: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.StockSettleRequest, _keyvault_pb2.StockSettleResponse]  # type: ignore[assignment]
+    """Mark pending keys ready, or delete entries (whatever their state)."""
+    StockTake: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.StockTakeRequest, _keyvault_pb2.StockTakeResponse]  # type: ignore[assignment]
+    """Take ``number`` ready, unexpired keys of one stock, all or none
+    (RESOURCE_EXHAUSTED when fewer are ready); the same transaction that
+    returns them marks them handed and deletes their bytes.
+    """
+    StockList: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.StockListRequest, _keyvault_pb2.StockListResponse]  # type: ignore[assignment]
+    """Every stock entry, without bytes (levels, recovery after a restart,
+    expiry, and the check that both ends of a stock agree).
     """
 
 class KeyVaultServicer(metaclass=_abc_1.ABCMeta):
@@ -271,6 +309,49 @@ class KeyVaultServicer(metaclass=_abc_1.ABCMeta):
         """Jobs due now and not expired, oldest first, with their payloads.
         Expired jobs are deleted by the vault's expiry sweep (and logged), never
         listed.
+        """
+
+    @_abc_1.abstractmethod
+    def StockPut(
+        self,
+        request: _keyvault_pb2.StockPutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyvault_pb2.StockPutResponse, _abc.Awaitable[_keyvault_pb2.StockPutResponse]]:
+        """Key stocks (issue 11): keys this node already relayed to a destination
+        KMSTN, held there for one SAE pair, and kept here until the master SAE
+        asks. A fill records its keys "pending" before they travel; once the
+        destination acknowledged them they are settled "ready" (handed out by
+        StockTake, oldest first, each once) or, after a failure, deleted.
+        Record keys of one stock as pending (all or none).
+        """
+
+    @_abc_1.abstractmethod
+    def StockSettle(
+        self,
+        request: _keyvault_pb2.StockSettleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyvault_pb2.StockSettleResponse, _abc.Awaitable[_keyvault_pb2.StockSettleResponse]]:
+        """Mark pending keys ready, or delete entries (whatever their state)."""
+
+    @_abc_1.abstractmethod
+    def StockTake(
+        self,
+        request: _keyvault_pb2.StockTakeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyvault_pb2.StockTakeResponse, _abc.Awaitable[_keyvault_pb2.StockTakeResponse]]:
+        """Take ``number`` ready, unexpired keys of one stock, all or none
+        (RESOURCE_EXHAUSTED when fewer are ready); the same transaction that
+        returns them marks them handed and deletes their bytes.
+        """
+
+    @_abc_1.abstractmethod
+    def StockList(
+        self,
+        request: _keyvault_pb2.StockListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyvault_pb2.StockListResponse, _abc.Awaitable[_keyvault_pb2.StockListResponse]]:
+        """Every stock entry, without bytes (levels, recovery after a restart,
+        expiry, and the check that both ends of a stock agree).
         """
 
 def add_KeyVaultServicer_to_server(servicer: KeyVaultServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

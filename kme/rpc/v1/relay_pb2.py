@@ -26,15 +26,15 @@ from kme.rpc.v1 import common_pb2 as kme_dot_rpc_dot_v1_dot_common__pb2
 from kme.rpc.v1 import linkstate_pb2 as kme_dot_rpc_dot_v1_dot_linkstate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kme/rpc/v1/relay.proto\x12\nkme.rpc.v1\x1a\x17kme/rpc/v1/common.proto\x1a\x1akme/rpc/v1/linkstate.proto\"\x1e\n\x0cHelloRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"\x1f\n\rHelloResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"<\n\x0c\x46loodRequest\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.kme.rpc.v1.SignedLinkState\"\x0f\n\rFloodResponse\"D\n\x14SyncLinkStateRequest\x12,\n\x07headers\x18\x01 \x03(\x0b\x32\x1b.kme.rpc.v1.LinkStateHeader\"s\n\x15SyncLinkStateResponse\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.kme.rpc.v1.SignedLinkState\x12,\n\x07headers\x18\x02 \x03(\x0b\x32\x1b.kme.rpc.v1.LinkStateHeader\"a\n\x0eGetKeysRequest\x12\x15\n\rmaster_sae_id\x18\x01 \x01(\t\x12\x15\n\rslave_sae_ids\x18\x02 \x03(\t\x12\x0e\n\x06number\x18\x03 \x01(\r\x12\x11\n\tsize_bits\x18\x04 \x01(\r\"8\n\x0fGetKeysResponse\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.kme.rpc.v1.KeyMaterial\"?\n\x10GetStatusRequest\x12\x15\n\rmaster_sae_id\x18\x01 \x01(\t\x12\x14\n\x0cslave_sae_id\x18\x02 \x01(\t\"\x94\x02\n\x11GetStatusResponse\x12\x15\n\rsource_kme_id\x18\x01 \x01(\t\x12\x15\n\rtarget_kme_id\x18\x02 \x01(\t\x12\x15\n\rmaster_sae_id\x18\x03 \x01(\t\x12\x14\n\x0cslave_sae_id\x18\x04 \x01(\t\x12\x10\n\x08key_size\x18\x05 \x01(\r\x12\x18\n\x10stored_key_count\x18\x06 \x01(\x04\x12\x15\n\rmax_key_count\x18\x07 \x01(\x04\x12\x1b\n\x13max_key_per_request\x18\x08 \x01(\r\x12\x14\n\x0cmax_key_size\x18\t \x01(\r\x12\x14\n\x0cmin_key_size\x18\n \x01(\r\x12\x18\n\x10max_sae_id_count\x18\x0b \x01(\r\"F\n\x06\x45xtKey\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.kme.rpc.v1.KeyMaterial\x12\x16\n\x0e\x65xtension_json\x18\x02 \x01(\x0c\"\xc1\x01\n\x0e\x45xtKeysMessage\x12 \n\x04keys\x18\x01 \x03(\x0b\x32\x12.kme.rpc.v1.ExtKey\x12\x18\n\x10initiator_sae_id\x18\x02 \x01(\t\x12\x16\n\x0etarget_sae_ids\x18\x03 \x03(\t\x12\x18\n\x10\x61\x63k_callback_url\x18\x04 \x01(\t\x12 \n\x18\x65xtension_mandatory_json\x18\x05 \x01(\x0c\x12\x1f\n\x17\x65xtension_optional_json\x18\x06 \x01(\x0c\"\x9c\x01\n\x0bVoidMessage\x12\x0f\n\x07key_ids\x18\x01 \x03(\t\x12\x18\n\x10initiator_sae_id\x18\x02 \x01(\t\x12\x16\n\x0etarget_sae_ids\x18\x03 \x03(\t\x12\x18\n\x10\x61\x63k_callback_url\x18\x04 \x01(\t\x12\x18\n\x10\x61ll_confirmation\x18\x05 \x01(\x08\x12\x16\n\x0e\x65xtension_json\x18\x06 \x01(\x0c\"1\n\x07\x41\x63kList\x12&\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x18.kme.rpc.v1.AckContainer\"\x8c\x02\n\x0eReceiveRequest\x12\x14\n\x0cpeer_node_id\x18\x01 \x01(\t\x12-\n\x0cmessage_type\x18\x02 \x01(\x0e\x32\x17.kme.rpc.v1.MessageType\x12\x12\n\x08\x65nvelope\x18\x03 \x01(\x0cH\x00\x12.\n\x08\x65xt_keys\x18\x04 \x01(\x0b\x32\x1a.kme.rpc.v1.ExtKeysMessageH\x00\x12\'\n\x04void\x18\x05 \x01(\x0b\x32\x17.kme.rpc.v1.VoidMessageH\x00\x12#\n\x04\x61\x63ks\x18\x06 \x01(\x0b\x32\x13.kme.rpc.v1.AckListH\x00\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x07 \x01(\x04\x42\t\n\x07message\"\n\n\x08\x41\x63\x63\x65pted\"\x06\n\x04\x44one\"\x8c\x01\n\x0fReceiveResponse\x12#\n\x04\x61\x63ks\x18\x01 \x01(\x0b\x32\x13.kme.rpc.v1.AckListH\x00\x12(\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x14.kme.rpc.v1.AcceptedH\x00\x12 \n\x04\x64one\x18\x03 \x01(\x0b\x32\x10.kme.rpc.v1.DoneH\x00\x42\x08\n\x06\x61nswer\"q\n\x0bSealRequest\x12\x18\n\x10next_hop_node_id\x18\x01 \x01(\t\x12-\n\x0cmessage_type\x18\x02 \x01(\x0e\x32\x17.kme.rpc.v1.MessageType\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x0b\n\x03hop\x18\x04 \x01(\r\"D\n\x0cSealResponse\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.kme.rpc.v1.LinkKind\"d\n\x0bOpenRequest\x12\x14\n\x0cpeer_node_id\x18\x01 \x01(\t\x12-\n\x0cmessage_type\x18\x02 \x01(\x0e\x32\x17.kme.rpc.v1.MessageType\x12\x10\n\x08\x65nvelope\x18\x03 \x01(\x0c\"M\n\x0cOpenResponse\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x0b\n\x03hop\x18\x02 \x01(\r\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.kme.rpc.v1.LinkKind\"\"\n\x11PublicKeysRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\r\"O\n\x10OneTimePublicKey\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"@\n\x12PublicKeysResponse\x12*\n\x04keys\x18\x01 \x03(\x0b\x32\x1c.kme.rpc.v1.OneTimePublicKey\"=\n\x13\x45ncapsulatedRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\"\x16\n\x14\x45ncapsulatedResponse\"(\n\x15ReserveQkdKeysRequest\x12\x0f\n\x07key_ids\x18\x01 \x03(\t\"-\n\x16ReserveQkdKeysResponse\x12\x13\n\x0bttl_seconds\x18\x01 \x01(\r*\x91\x01\n\x0bMessageType\x12\x1c\n\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15MESSAGE_TYPE_EXT_KEYS\x10\x01\x12\x15\n\x11MESSAGE_TYPE_VOID\x10\x02\x12\x14\n\x10MESSAGE_TYPE_ACK\x10\x03\x12\x1c\n\x18MESSAGE_TYPE_DEVICE_KEYS\x10\x04\x32\xcf\x02\n\x05Relay\x12\x42\n\x07GetKeys\x12\x1a.kme.rpc.v1.GetKeysRequest\x1a\x1b.kme.rpc.v1.GetKeysResponse\x12H\n\tGetStatus\x12\x1c.kme.rpc.v1.GetStatusRequest\x1a\x1d.kme.rpc.v1.GetStatusResponse\x12\x42\n\x07Receive\x12\x1a.kme.rpc.v1.ReceiveRequest\x1a\x1b.kme.rpc.v1.ReceiveResponse\x12\x39\n\x04Seal\x12\x17.kme.rpc.v1.SealRequest\x1a\x18.kme.rpc.v1.SealResponse\x12\x39\n\x04Open\x12\x17.kme.rpc.v1.OpenRequest\x1a\x18.kme.rpc.v1.OpenResponse2\xd6\x03\n\tRelayPeer\x12K\n\nPublicKeys\x12\x1d.kme.rpc.v1.PublicKeysRequest\x1a\x1e.kme.rpc.v1.PublicKeysResponse\x12Q\n\x0c\x45ncapsulated\x12\x1f.kme.rpc.v1.EncapsulatedRequest\x1a .kme.rpc.v1.EncapsulatedResponse\x12W\n\x0eReserveQkdKeys\x12!.kme.rpc.v1.ReserveQkdKeysRequest\x1a\".kme.rpc.v1.ReserveQkdKeysResponse\x12<\n\x05Hello\x12\x18.kme.rpc.v1.HelloRequest\x1a\x19.kme.rpc.v1.HelloResponse\x12<\n\x05\x46lood\x12\x18.kme.rpc.v1.FloodRequest\x1a\x19.kme.rpc.v1.FloodResponse\x12T\n\rSyncLinkState\x12 .kme.rpc.v1.SyncLinkStateRequest\x1a!.kme.rpc.v1.SyncLinkStateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kme/rpc/v1/relay.proto\x12\nkme.rpc.v1\x1a\x17kme/rpc/v1/common.proto\x1a\x1akme/rpc/v1/linkstate.proto\"\x1e\n\x0cHelloRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"\x1f\n\rHelloResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"<\n\x0c\x46loodRequest\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.kme.rpc.v1.SignedLinkState\"\x0f\n\rFloodResponse\"D\n\x14SyncLinkStateRequest\x12,\n\x07headers\x18\x01 \x03(\x0b\x32\x1b.kme.rpc.v1.LinkStateHeader\"s\n\x15SyncLinkStateResponse\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.kme.rpc.v1.SignedLinkState\x12,\n\x07headers\x18\x02 \x03(\x0b\x32\x1b.kme.rpc.v1.LinkStateHeader\"r\n\x0eGetKeysRequest\x12\x15\n\rmaster_sae_id\x18\x01 \x01(\t\x12\x15\n\rslave_sae_ids\x18\x02 \x03(\t\x12\x0e\n\x06number\x18\x03 \x01(\r\x12\x11\n\tsize_bits\x18\x04 \x01(\r\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\"8\n\x0fGetKeysResponse\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.kme.rpc.v1.KeyMaterial\"?\n\x10GetStatusRequest\x12\x15\n\rmaster_sae_id\x18\x01 \x01(\t\x12\x14\n\x0cslave_sae_id\x18\x02 \x01(\t\"\x94\x02\n\x11GetStatusResponse\x12\x15\n\rsource_kme_id\x18\x01 \x01(\t\x12\x15\n\rtarget_kme_id\x18\x02 \x01(\t\x12\x15\n\rmaster_sae_id\x18\x03 \x01(\t\x12\x14\n\x0cslave_sae_id\x18\x04 \x01(\t\x12\x10\n\x08key_size\x18\x05 \x01(\r\x12\x18\n\x10stored_key_count\x18\x06 \x01(\x04\x12\x15\n\rmax_key_count\x18\x07 \x01(\x04\x12\x1b\n\x13max_key_per_request\x18\x08 \x01(\r\x12\x14\n\x0cmax_key_size\x18\t \x01(\r\x12\x14\n\x0cmin_key_size\x18\n \x01(\r\x12\x18\n\x10max_sae_id_count\x18\x0b \x01(\r\"F\n\x06\x45xtKey\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.kme.rpc.v1.KeyMaterial\x12\x16\n\x0e\x65xtension_json\x18\x02 \x01(\x0c\"\xc1\x01\n\x0e\x45xtKeysMessage\x12 \n\x04keys\x18\x01 \x03(\x0b\x32\x12.kme.rpc.v1.ExtKey\x12\x18\n\x10initiator_sae_id\x18\x02 \x01(\t\x12\x16\n\x0etarget_sae_ids\x18\x03 \x03(\t\x12\x18\n\x10\x61\x63k_callback_url\x18\x04 \x01(\t\x12 \n\x18\x65xtension_mandatory_json\x18\x05 \x01(\x0c\x12\x1f\n\x17\x65xtension_optional_json\x18\x06 \x01(\x0c\"\x9c\x01\n\x0bVoidMessage\x12\x0f\n\x07key_ids\x18\x01 \x03(\t\x12\x18\n\x10initiator_sae_id\x18\x02 \x01(\t\x12\x16\n\x0etarget_sae_ids\x18\x03 \x03(\t\x12\x18\n\x10\x61\x63k_callback_url\x18\x04 \x01(\t\x12\x18\n\x10\x61ll_confirmation\x18\x05 \x01(\x08\x12\x16\n\x0e\x65xtension_json\x18\x06 \x01(\x0c\"1\n\x07\x41\x63kList\x12&\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x18.kme.rpc.v1.AckContainer\"\x8c\x02\n\x0eReceiveRequest\x12\x14\n\x0cpeer_node_id\x18\x01 \x01(\t\x12-\n\x0cmessage_type\x18\x02 \x01(\x0e\x32\x17.kme.rpc.v1.MessageType\x12\x12\n\x08\x65nvelope\x18\x03 \x01(\x0cH\x00\x12.\n\x08\x65xt_keys\x18\x04 \x01(\x0b\x32\x1a.kme.rpc.v1.ExtKeysMessageH\x00\x12\'\n\x04void\x18\x05 \x01(\x0b\x32\x17.kme.rpc.v1.VoidMessageH\x00\x12#\n\x04\x61\x63ks\x18\x06 \x01(\x0b\x32\x13.kme.rpc.v1.AckListH\x00\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x07 \x01(\x04\x42\t\n\x07message\"\n\n\x08\x41\x63\x63\x65pted\"\x06\n\x04\x44one\"\x8c\x01\n\x0fReceiveResponse\x12#\n\x04\x61\x63ks\x18\x01 \x01(\x0b\x32\x13.kme.rpc.v1.AckListH\x00\x12(\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x14.kme.rpc.v1.AcceptedH\x00\x12 \n\x04\x64one\x18\x03 \x01(\x0b\x32\x10.kme.rpc.v1.DoneH\x00\x42\x08\n\x06\x61nswer\"q\n\x0bSealRequest\x12\x18\n\x10next_hop_node_id\x18\x01 \x01(\t\x12-\n\x0cmessage_type\x18\x02 \x01(\x0e\x32\x17.kme.rpc.v1.MessageType\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x0b\n\x03hop\x18\x04 \x01(\r\"D\n\x0cSealResponse\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.kme.rpc.v1.LinkKind\"d\n\x0bOpenRequest\x12\x14\n\x0cpeer_node_id\x18\x01 \x01(\t\x12-\n\x0cmessage_type\x18\x02 \x01(\x0e\x32\x17.kme.rpc.v1.MessageType\x12\x10\n\x08\x65nvelope\x18\x03 \x01(\x0c\"M\n\x0cOpenResponse\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x0b\n\x03hop\x18\x02 \x01(\r\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.kme.rpc.v1.LinkKind\"\"\n\x11PublicKeysRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\r\"O\n\x10OneTimePublicKey\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"@\n\x12PublicKeysResponse\x12*\n\x04keys\x18\x01 \x03(\x0b\x32\x1c.kme.rpc.v1.OneTimePublicKey\"=\n\x13\x45ncapsulatedRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\"\x16\n\x14\x45ncapsulatedResponse\"(\n\x15ReserveQkdKeysRequest\x12\x0f\n\x07key_ids\x18\x01 \x03(\t\"-\n\x16ReserveQkdKeysResponse\x12\x13\n\x0bttl_seconds\x18\x01 \x01(\r*\x91\x01\n\x0bMessageType\x12\x1c\n\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15MESSAGE_TYPE_EXT_KEYS\x10\x01\x12\x15\n\x11MESSAGE_TYPE_VOID\x10\x02\x12\x14\n\x10MESSAGE_TYPE_ACK\x10\x03\x12\x1c\n\x18MESSAGE_TYPE_DEVICE_KEYS\x10\x04\x32\xcf\x02\n\x05Relay\x12\x42\n\x07GetKeys\x12\x1a.kme.rpc.v1.GetKeysRequest\x1a\x1b.kme.rpc.v1.GetKeysResponse\x12H\n\tGetStatus\x12\x1c.kme.rpc.v1.GetStatusRequest\x1a\x1d.kme.rpc.v1.GetStatusResponse\x12\x42\n\x07Receive\x12\x1a.kme.rpc.v1.ReceiveRequest\x1a\x1b.kme.rpc.v1.ReceiveResponse\x12\x39\n\x04Seal\x12\x17.kme.rpc.v1.SealRequest\x1a\x18.kme.rpc.v1.SealResponse\x12\x39\n\x04Open\x12\x17.kme.rpc.v1.OpenRequest\x1a\x18.kme.rpc.v1.OpenResponse2\xd6\x03\n\tRelayPeer\x12K\n\nPublicKeys\x12\x1d.kme.rpc.v1.PublicKeysRequest\x1a\x1e.kme.rpc.v1.PublicKeysResponse\x12Q\n\x0c\x45ncapsulated\x12\x1f.kme.rpc.v1.EncapsulatedRequest\x1a .kme.rpc.v1.EncapsulatedResponse\x12W\n\x0eReserveQkdKeys\x12!.kme.rpc.v1.ReserveQkdKeysRequest\x1a\".kme.rpc.v1.ReserveQkdKeysResponse\x12<\n\x05Hello\x12\x18.kme.rpc.v1.HelloRequest\x1a\x19.kme.rpc.v1.HelloResponse\x12<\n\x05\x46lood\x12\x18.kme.rpc.v1.FloodRequest\x1a\x19.kme.rpc.v1.FloodResponse\x12T\n\rSyncLinkState\x12 .kme.rpc.v1.SyncLinkStateRequest\x1a!.kme.rpc.v1.SyncLinkStateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kme.rpc.v1.relay_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MESSAGETYPE']._serialized_start=2561
-  _globals['_MESSAGETYPE']._serialized_end=2706
+  _globals['_MESSAGETYPE']._serialized_start=2578
+  _globals['_MESSAGETYPE']._serialized_end=2723
   _globals['_HELLOREQUEST']._serialized_start=91
   _globals['_HELLOREQUEST']._serialized_end=121
   _globals['_HELLORESPONSE']._serialized_start=123
@@ -48,53 +48,53 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SYNCLINKSTATERESPONSE']._serialized_start=305
   _globals['_SYNCLINKSTATERESPONSE']._serialized_end=420
   _globals['_GETKEYSREQUEST']._serialized_start=422
-  _globals['_GETKEYSREQUEST']._serialized_end=519
-  _globals['_GETKEYSRESPONSE']._serialized_start=521
-  _globals['_GETKEYSRESPONSE']._serialized_end=577
-  _globals['_GETSTATUSREQUEST']._serialized_start=579
-  _globals['_GETSTATUSREQUEST']._serialized_end=642
-  _globals['_GETSTATUSRESPONSE']._serialized_start=645
-  _globals['_GETSTATUSRESPONSE']._serialized_end=921
-  _globals['_EXTKEY']._serialized_start=923
-  _globals['_EXTKEY']._serialized_end=993
-  _globals['_EXTKEYSMESSAGE']._serialized_start=996
-  _globals['_EXTKEYSMESSAGE']._serialized_end=1189
-  _globals['_VOIDMESSAGE']._serialized_start=1192
-  _globals['_VOIDMESSAGE']._serialized_end=1348
-  _globals['_ACKLIST']._serialized_start=1350
-  _globals['_ACKLIST']._serialized_end=1399
-  _globals['_RECEIVEREQUEST']._serialized_start=1402
-  _globals['_RECEIVEREQUEST']._serialized_end=1670
-  _globals['_ACCEPTED']._serialized_start=1672
-  _globals['_ACCEPTED']._serialized_end=1682
-  _globals['_DONE']._serialized_start=1684
-  _globals['_DONE']._serialized_end=1690
-  _globals['_RECEIVERESPONSE']._serialized_start=1693
-  _globals['_RECEIVERESPONSE']._serialized_end=1833
-  _globals['_SEALREQUEST']._serialized_start=1835
-  _globals['_SEALREQUEST']._serialized_end=1948
-  _globals['_SEALRESPONSE']._serialized_start=1950
-  _globals['_SEALRESPONSE']._serialized_end=2018
-  _globals['_OPENREQUEST']._serialized_start=2020
-  _globals['_OPENREQUEST']._serialized_end=2120
-  _globals['_OPENRESPONSE']._serialized_start=2122
-  _globals['_OPENRESPONSE']._serialized_end=2199
-  _globals['_PUBLICKEYSREQUEST']._serialized_start=2201
-  _globals['_PUBLICKEYSREQUEST']._serialized_end=2235
-  _globals['_ONETIMEPUBLICKEY']._serialized_start=2237
-  _globals['_ONETIMEPUBLICKEY']._serialized_end=2316
-  _globals['_PUBLICKEYSRESPONSE']._serialized_start=2318
-  _globals['_PUBLICKEYSRESPONSE']._serialized_end=2382
-  _globals['_ENCAPSULATEDREQUEST']._serialized_start=2384
-  _globals['_ENCAPSULATEDREQUEST']._serialized_end=2445
-  _globals['_ENCAPSULATEDRESPONSE']._serialized_start=2447
-  _globals['_ENCAPSULATEDRESPONSE']._serialized_end=2469
-  _globals['_RESERVEQKDKEYSREQUEST']._serialized_start=2471
-  _globals['_RESERVEQKDKEYSREQUEST']._serialized_end=2511
-  _globals['_RESERVEQKDKEYSRESPONSE']._serialized_start=2513
-  _globals['_RESERVEQKDKEYSRESPONSE']._serialized_end=2558
-  _globals['_RELAY']._serialized_start=2709
-  _globals['_RELAY']._serialized_end=3044
-  _globals['_RELAYPEER']._serialized_start=3047
-  _globals['_RELAYPEER']._serialized_end=3517
+  _globals['_GETKEYSREQUEST']._serialized_end=536
+  _globals['_GETKEYSRESPONSE']._serialized_start=538
+  _globals['_GETKEYSRESPONSE']._serialized_end=594
+  _globals['_GETSTATUSREQUEST']._serialized_start=596
+  _globals['_GETSTATUSREQUEST']._serialized_end=659
+  _globals['_GETSTATUSRESPONSE']._serialized_start=662
+  _globals['_GETSTATUSRESPONSE']._serialized_end=938
+  _globals['_EXTKEY']._serialized_start=940
+  _globals['_EXTKEY']._serialized_end=1010
+  _globals['_EXTKEYSMESSAGE']._serialized_start=1013
+  _globals['_EXTKEYSMESSAGE']._serialized_end=1206
+  _globals['_VOIDMESSAGE']._serialized_start=1209
+  _globals['_VOIDMESSAGE']._serialized_end=1365
+  _globals['_ACKLIST']._serialized_start=1367
+  _globals['_ACKLIST']._serialized_end=1416
+  _globals['_RECEIVEREQUEST']._serialized_start=1419
+  _globals['_RECEIVEREQUEST']._serialized_end=1687
+  _globals['_ACCEPTED']._serialized_start=1689
+  _globals['_ACCEPTED']._serialized_end=1699
+  _globals['_DONE']._serialized_start=1701
+  _globals['_DONE']._serialized_end=1707
+  _globals['_RECEIVERESPONSE']._serialized_start=1710
+  _globals['_RECEIVERESPONSE']._serialized_end=1850
+  _globals['_SEALREQUEST']._serialized_start=1852
+  _globals['_SEALREQUEST']._serialized_end=1965
+  _globals['_SEALRESPONSE']._serialized_start=1967
+  _globals['_SEALRESPONSE']._serialized_end=2035
+  _globals['_OPENREQUEST']._serialized_start=2037
+  _globals['_OPENREQUEST']._serialized_end=2137
+  _globals['_OPENRESPONSE']._serialized_start=2139
+  _globals['_OPENRESPONSE']._serialized_end=2216
+  _globals['_PUBLICKEYSREQUEST']._serialized_start=2218
+  _globals['_PUBLICKEYSREQUEST']._serialized_end=2252
+  _globals['_ONETIMEPUBLICKEY']._serialized_start=2254
+  _globals['_ONETIMEPUBLICKEY']._serialized_end=2333
+  _globals['_PUBLICKEYSRESPONSE']._serialized_start=2335
+  _globals['_PUBLICKEYSRESPONSE']._serialized_end=2399
+  _globals['_ENCAPSULATEDREQUEST']._serialized_start=2401
+  _globals['_ENCAPSULATEDREQUEST']._serialized_end=2462
+  _globals['_ENCAPSULATEDRESPONSE']._serialized_start=2464
+  _globals['_ENCAPSULATEDRESPONSE']._serialized_end=2486
+  _globals['_RESERVEQKDKEYSREQUEST']._serialized_start=2488
+  _globals['_RESERVEQKDKEYSREQUEST']._serialized_end=2528
+  _globals['_RESERVEQKDKEYSRESPONSE']._serialized_start=2530
+  _globals['_RESERVEQKDKEYSRESPONSE']._serialized_end=2575
+  _globals['_RELAY']._serialized_start=2726
+  _globals['_RELAY']._serialized_end=3061
+  _globals['_RELAYPEER']._serialized_start=3064
+  _globals['_RELAYPEER']._serialized_end=3534
 # @@protoc_insertion_point(module_scope)

@@ -191,11 +191,17 @@ class GetKeysRequest(_message.Message):
     SLAVE_SAE_IDS_FIELD_NUMBER: _builtins.int
     NUMBER_FIELD_NUMBER: _builtins.int
     SIZE_BITS_FIELD_NUMBER: _builtins.int
+    WAIT_MS_FIELD_NUMBER: _builtins.int
     master_sae_id: _builtins.str
     """The master SAE, from its verified certificate."""
     number: _builtins.int
     """Keys to make (1 to max_key_per_request) and their size in bits."""
     size_bits: _builtins.int
+    wait_ms: _builtins.int
+    """How long the master is willing to wait for key when too little is at
+    hand (ETSI 014 extension kmstn_wait_ms); 0 = the node's own budget
+    ([supply] wait_ms). Never more than that budget.
+    """
     @_builtins.property
     def slave_sae_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The slave of the path first, then additional_slave_SAE_IDs (multicast)."""
@@ -207,10 +213,11 @@ class GetKeysRequest(_message.Message):
         slave_sae_ids: _abc.Iterable[_builtins.str] | None = ...,
         number: _builtins.int = ...,
         size_bits: _builtins.int = ...,
+        wait_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["master_sae_id", b"master_sae_id", "number", b"number", "size_bits", b"size_bits", "slave_sae_ids", b"slave_sae_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["master_sae_id", b"master_sae_id", "number", b"number", "size_bits", b"size_bits", "slave_sae_ids", b"slave_sae_ids", "wait_ms", b"wait_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
