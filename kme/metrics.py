@@ -17,7 +17,7 @@ take only those values, and a canary test scrapes every service after a key
 exchange and looks for the keys' IDs and bytes.
 
 Who calls what (one helper per event; all are cheap, see the measurement in
-the module's benchmark, ``python -m kme.metrics``):
+the benchmark ``python -m kme.metricsserver``):
 
 ==========================  =================================================
 helper                      called by
@@ -33,19 +33,18 @@ register_keyvault_stock     keyvault.__main__ (rows and stock, at scrape)
 register_link_state         routing.__main__ (link state, at scrape)
 observe_device_call         kme.qkd, every southbound ETSI 014 call
 DevicePoller                relay.__main__: device pool level and key rate
+                            (kme.devicepoll)
 ==========================  =================================================
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol
+from typing import Final, Literal
 
 from prometheus_client import (
     CollectorRegistry,
@@ -54,7 +53,6 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     disable_created_metrics,
-    generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -82,19 +80,14 @@ __all__ = [
     "RELAY_HOP_SECONDS",
     "STOCK_KEYS",
     "SUPPLY_WAITING",
-    "DeviceObservation",
-    "DevicePoller",
-    "MetricsServer",
     "count_key_bits",
     "count_keyvault_keys",
     "device_bits_taken",
-    "exposition",
     "observe_device_call",
     "observe_hop",
     "observe_http_request",
     "register_keyvault_stock",
     "register_link_state",
-    "start_metrics_server",
     "track_waiting_take",
 ]
 
@@ -418,197 +411,3 @@ def register_link_state(links: Callable[[], Iterable[LinkView]],
 def unregister(collector: Collector) -> None:
     with contextlib.suppress(KeyError):
         REGISTRY.unregister(collector)
-
-
-# -- device pool level and key rate -------------------------------------------------
-
-
-class _StatusSource(Protocol):
-    """What DevicePoller needs of a kme.qkd.QkdDeviceClient."""
-
-    @property
-    def link_id(self) -> str: ...
-
-    def status(self) -> Any: ...
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceObservation:
-    """The last poll of one device: did it answer, what rate, how much key stored."""
-
-    reachable: bool
-    rate_bps: float | None  # None: fewer than two answers in the window yet
-    stored_keys: int
-    max_keys: int
-
-
-class DevicePoller:
-    """Polls each QKD device's status, sets pool level and measured key rate.
-
-    The rate over the last ``window_s``: (stored bits now - stored bits then
-    + key bits this process took meanwhile) / elapsed time. kme.qkd counts
-    the bits taken (DEVICE_KEY_BITS) and this reads them back, so nothing
-    else has to tell the poller about draws. :meth:`observations` gives the
-    last poll of each device to the relay's link state (relay/linkstate.py).
-    """
-
-    def __init__(self, devices: Sequence[_StatusSource], interval_s: float,
-                 log: logging.Logger, window_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._devices = list(devices)
-        self._interval = interval_s
-        self._window = max(window_s, interval_s)
-        self._log = log
-        self._clock = clock
-        self._stop = threading.Event()
-        self._samples: dict[str, collections.deque[tuple[float, float]]] = {
-            d.link_id: collections.deque() for d in self._devices}
-        self._failing: set[str] = set()
-        self._seen: dict[str, DeviceObservation] = {}
-        self._thread = threading.Thread(target=self._run, name="metrics-devices", daemon=True)
-
-    def observations(self) -> dict[str, DeviceObservation]:
-        """Per link, the device's last poll (links not polled yet are absent)."""
-        return dict(self._seen)
-
-    def start(self) -> None:
-        if self._devices and self._interval > 0:
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-
-    def poll_once(self) -> None:
-        for device in self._devices:
-            link = device.link_id
-            try:
-                st = device.status()
-            except Exception as exc:
-                if link not in self._failing:  # log a failing device once, not every poll
-                    self._log.warning("device status failed", extra={
-                        "link_id": link, "error": getattr(exc, "public", type(exc).__name__)})
-                    self._failing.add(link)
-                old = self._seen.get(link)
-                self._seen[link] = DeviceObservation(False, None, old.stored_keys if old else 0,
-                                                     old.max_keys if old else 0)
-                continue
-            self._failing.discard(link)
-            DEVICE_STORED_KEYS.labels(link).set(st.stored_key_count)
-            DEVICE_MAX_KEYS.labels(link).set(st.max_key_count)
-            now = self._clock()
-            # Stored key counts in the device's own key size; taken bits are bits.
-            inflow = st.stored_key_count * st.key_size + device_bits_taken(link)
-            samples = self._samples[link]
-            samples.append((now, inflow))
-            while len(samples) > 2 and now - samples[1][0] >= self._window:
-                samples.popleft()
-            rate = None
-            if len(samples) >= 2 and now > samples[0][0]:
-                t0, v0 = samples[0]
-                rate = max(0.0, (inflow - v0) / (now - t0))
-                DEVICE_KEY_RATE.labels(link).set(rate)
-            self._seen[link] = DeviceObservation(True, rate, int(st.stored_key_count),
-                                                 int(st.max_key_count))
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.poll_once()
-            self._stop.wait(self._interval)
-
-
-# -- the listener --------------------------------------------------------------------
-
-
-def exposition() -> bytes:
-    """This process's metrics in the Prometheus text format (what /metrics serves)."""
-    return generate_latest(REGISTRY)
-
-
-@dataclass
-class MetricsServer:
-    host: str
-    port: int
-    _server: Any
-    _thread: threading.Thread
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-
-def start_metrics_server(host: str, ports: Sequence[int], log: logging.Logger
-                         ) -> MetricsServer | None:
-    """Serve REGISTRY on the first of ``ports`` that is free; log the URL.
-
-    Several ports are tried only where one service runs several processes
-    (Gunicorn workers of the 014 gateway: each its own registry and port).
-    Returns None, with an error logged, when none can be bound: metrics are
-    an aid, and a node must not stop serving keys for want of them.
-    """
-    from prometheus_client import start_http_server
-
-    last: OSError | None = None
-    for port in ports:
-        try:
-            server, thread = start_http_server(port, addr=host, registry=REGISTRY)
-        except OSError as exc:
-            last = exc
-            continue
-        bound = MetricsServer(host, int(server.server_port), server, thread)
-        log.info("metrics listening", extra={"metrics_url": bound.url})
-        return bound
-    log.error("cannot start the metrics listener", extra={
-        "host": host, "ports": list(ports), "error": last.strerror if last else "no port"})
-    return None
-
-
-def _bench() -> None:
-    """``python -m kme.metrics``: import cost and per-observation cost, printed."""
-    import statistics
-    import subprocess
-    import sys
-
-    for before, what in (("", "alone"), ("import grpc, flask; ", "after grpc and flask")):
-        code = (f"{before}import time; t=time.perf_counter(); import prometheus_client; "
-                "print(time.perf_counter()-t)")
-        imports = sorted(float(subprocess.run(  # noqa: S603 - our own interpreter
-            [sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
-            for _ in range(7))
-        print(f"import prometheus_client {what}: median "
-              f"{statistics.median(imports) * 1000:.1f} ms (7 fresh interpreters)")
-    n = 100_000
-
-    def per_call(fn: Callable[[], None]) -> float:
-        runs = []
-        for _ in range(5):
-            t = time.perf_counter()
-            for _ in range(n):
-                fn()
-            runs.append((time.perf_counter() - t) / n)
-        return statistics.median(runs) * 1e6
-
-    cases: list[tuple[str, Callable[[], None]]] = [
-        ("observe_http_request (counter + histogram, labels)",
-         lambda: observe_http_request("etsi014", "enc_keys", 200, 0.004)),
-        ("GRPC_HANDLED.labels(...).inc()",
-         lambda: GRPC_HANDLED.labels("kme.rpc.v1.KeyVault", "Store", "OK").inc()),
-        ("count_keyvault_keys", lambda: count_keyvault_keys("stored", 1)),
-    ]
-    for name, fn in cases:
-        print(f"{name}: median {per_call(fn):.2f} us per call ({n} calls x 5)")
-    t = time.perf_counter()
-    for _ in range(100):
-        exposition()
-    print(f"exposition of this registry: {(time.perf_counter() - t) * 10:.2f} ms per scrape")
-
-
-if __name__ == "__main__":
-    _bench()

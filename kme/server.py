@@ -46,6 +46,7 @@ from kme.config import (
     load_or_exit,
 )
 from kme.errors import ErrorCode, KmstnError
+from kme.metricsserver import MetricsServer, start_metrics_server
 from kme.rpcerrors import ErrorInterceptor
 
 __all__ = ["ObservingInterceptor", "Runtime", "parse_args", "run_service", "server_credentials",
@@ -140,14 +141,14 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
 
 
 def start_metrics(config: NodeConfig, service: str, log: logging.Logger,
-                  tries: int = 1) -> kmetrics.MetricsServer | None:
+                  tries: int = 1) -> MetricsServer | None:
     """This process's metrics listener, as the node file's [metrics] says (or none)."""
     settings = config.metrics
     if not settings.enabled:
         return None
     port = settings.ports[service]
     ports = [0] if port == 0 else list(range(port, port + tries))
-    return kmetrics.start_metrics_server(config.metrics_host, ports, log)
+    return start_metrics_server(config.metrics_host, ports, log)
 
 
 class Runtime:

@@ -21,6 +21,7 @@ from keyvault.client import KeyVaultClient
 from kme import metrics
 from kme.channels import internal_channel
 from kme.config import NodeConfig
+from kme.devicepoll import DevicePoller
 from kme.flows import Flows
 from kme.qkd import QkdDevices
 from kme.rpc.v1 import relay_pb2, relay_pb2_grpc
@@ -96,8 +97,8 @@ def build(rt: Runtime) -> None:
         if config.linkstate is not None:
             own = config.linkstate.device_poll_ms / 1000
             poll_s = min(poll_s, own) if poll_s > 0 else own
-        poller = metrics.DevicePoller([devices.for_link(lid) for lid in devices.links],
-                                      poll_s, rt.log)
+        poller = DevicePoller([devices.for_link(lid) for lid in devices.links],
+                              poll_s, rt.log)
         poller.start()
         rt.on_stop(poller.stop)
     if config.linkstate is not None:
@@ -108,7 +109,7 @@ def build(rt: Runtime) -> None:
 
 
 def link_state_agent(config: NodeConfig, rt: Runtime,
-                     poller: metrics.DevicePoller | None) -> LinkStateAgent:
+                     poller: DevicePoller | None) -> LinkStateAgent:
     """Hellos, flooding and syncs with the kmstn neighbours, for the routing service."""
     settings = config.linkstate
     assert settings is not None  # noqa: S101 - only called with link state

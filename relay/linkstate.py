@@ -31,8 +31,8 @@ import grpc
 
 from kme.channels import call
 from kme.config import NodeConfig
+from kme.devicepoll import DeviceObservation
 from kme.errors import KmstnError
-from kme.metrics import DeviceObservation
 from kme.rpc.v1 import linkstate_pb2, relay_pb2, relay_pb2_grpc, routing_pb2
 from kme.types import NodeId
 from routing.adjacency import Adjacencies

@@ -15,8 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.edge import EdgeCounters
+from kme import devicepoll, metrics, metricsserver
 from kme import log as kmelog
-from kme import metrics
 from kme.channels import call
 from kme.config import DEFAULT_METRICS_PORTS, ConfigError, load_node_config
 from kme.errors import ErrorCode, ErrorInterceptor, KmstnError
@@ -27,7 +27,7 @@ from tests.helpers import Pki
 
 
 def _value(name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(metrics.exposition().decode()):
+    for family in text_string_to_metric_families(metricsserver.exposition().decode()):
         for s in family.samples:
             if s.name == name and s.labels == labels:
                 return float(s.value)
@@ -145,7 +145,7 @@ def test_the_request_id_crosses_grpc_into_the_handlers_log_context() -> None:
 
 
 def test_every_family_of_the_issue_is_defined_with_conventional_names() -> None:
-    text = metrics.exposition().decode()
+    text = metricsserver.exposition().decode()
     names = {f.name for f in text_string_to_metric_families(text)}
     # Counters are exposed without their _total suffix in the family name.
     for family in ("kmstn_http_requests", "kmstn_http_request_duration_seconds",
@@ -201,7 +201,7 @@ def test_scraped_families_and_a_failing_read() -> None:
 
     failing = metrics.register_keyvault_stock(broken)
     try:
-        assert "kmstn_keyvault_rows" not in metrics.exposition().decode()
+        assert "kmstn_keyvault_rows" not in metricsserver.exposition().decode()
     finally:
         metrics.unregister(failing)
 
@@ -228,7 +228,7 @@ class _FakeDevice:
 def test_device_poller_measures_inflow_including_the_keys_this_process_took() -> None:
     clock = [0.0]
     device = _FakeDevice("QKD-poll")
-    poller = metrics.DevicePoller([device], 1.0, logging.getLogger("test"), window_s=10,
+    poller = devicepoll.DevicePoller([device], 1.0, logging.getLogger("test"), window_s=10,
                                   clock=lambda: clock[0])
     poller.poll_once()
     assert _value("kmstn_qkd_device_stored_keys", link="QKD-poll") == 100
@@ -248,7 +248,7 @@ def test_device_poller_measures_inflow_including_the_keys_this_process_took() ->
 
 
 def test_metrics_listener_serves_the_text_format_on_an_ephemeral_port() -> None:
-    server = metrics.start_metrics_server("127.0.0.1", [0], logging.getLogger("test"))
+    server = metricsserver.start_metrics_server("127.0.0.1", [0], logging.getLogger("test"))
     assert server is not None and server.port > 0
     try:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -257,7 +257,7 @@ def test_metrics_listener_serves_the_text_format_on_an_ephemeral_port() -> None:
         assert resp.headers["Content-Type"].startswith("text/plain")
         assert "kmstn_http_requests_total" in body or "kmstn_http_requests" in body
         # Taken: the next listener on the same port fails softly (None, logged).
-        assert metrics.start_metrics_server("127.0.0.1", [server.port],
+        assert metricsserver.start_metrics_server("127.0.0.1", [server.port],
                                             logging.getLogger("test")) is None
     finally:
         server.close()
@@ -266,7 +266,7 @@ def test_metrics_listener_serves_the_text_format_on_an_ephemeral_port() -> None:
 def test_exposition_costs_little(capsys: pytest.CaptureFixture[str]) -> None:
     # Not timed: that one observation and one scrape work, and print nothing.
     metrics.observe_http_request("etsi014", "status", 200, 0.001)
-    assert metrics.exposition().startswith(b"# HELP")
+    assert metricsserver.exposition().startswith(b"# HELP")
     assert capsys.readouterr().out == ""
 
 
@@ -283,7 +283,7 @@ def test_histogram_quantile_interpolates_like_prometheus() -> None:
 
 def test_parse_exposition_reads_our_own_output() -> None:
     metrics.observe_http_request("etsi020", "ext_keys", 503, 0.2)
-    scrape = parse_exposition(metrics.exposition().decode(), time.monotonic())
+    scrape = parse_exposition(metricsserver.exposition().decode(), time.monotonic())
     got = scrape.values("kmstn_http_requests_total", api="etsi020", operation="ext_keys",
                         status="503")
     assert got and got[0][1] >= 1
