@@ -300,10 +300,10 @@ def _pair(t: Table, key: str, text: str, topology: Topology, node: Kmstn,
     master, sep, slave = text.partition(":")
     if not sep or not master or not slave:
         raise t.error(key, f"must be \"MASTER:SLAVE\", got {text!r}")
-    for sae in (master, slave) if complete else (master,):
+    for sae in (master, slave) if complete else ():
         if sae not in topology.saes:
             raise t.error(key, f"SAE {sae!r} is not in the topology")
-    if topology.saes[SaeId(master)] != node.id:
+    if topology.saes.get(SaeId(master)) != node.id:
         raise t.error(key, f"master SAE {master!r} is not served by {node.id}")
     return SaeId(master), SaeId(slave)
 

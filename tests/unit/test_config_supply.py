@@ -68,3 +68,50 @@ def test_bad_supply_names_file_and_field(tmp_path: Path, pki: Pki, case: str, su
         load_node_config(path)
     assert err.value.field == field
     assert problem in err.value.problem
+
+
+def _per_node_file(tmp_path: Path, pki: Pki, supply: Any) -> Path:
+    from kme.config.split import dump_toml, split_topology_file
+    from lab.pki import LinkStateAuthority
+
+    authority = LinkStateAuthority.create(tmp_path / "ls")
+    signing = authority.issue("KMSTN1")
+    cert, key = pki.issue("KMSTN1", ips=("127.0.0.11",))
+    doc = {"node": "KMSTN1", "data_dir": str(tmp_path / "data"),
+           **split_topology_file(TESTBED)["KMSTN1"],
+           "tls": {"ca": str(pki.ca_path), "cert": str(cert), "key": str(key)},
+           "linkstate": {"key": str(signing.key), "cert": str(signing.cert),
+                         "ca": str(authority.cert_path)},
+           "gateway": {"relay_timeout_ms": 35_000}, "supply": supply}
+    path = tmp_path / "KMSTN1.toml"
+    path.write_text(dump_toml(doc))
+    return path
+
+
+def test_a_per_node_file_names_a_far_stock_destination_as_written(tmp_path: Path,
+                                                                   pki: Pki) -> None:
+    # KMSTN8 and SAE8 are seven hops away: a node file that names only
+    # neighbours cannot check them, so the stock is taken as written.
+    path = _per_node_file(tmp_path, pki, {
+        "wait_ms": 30_000, "stocks": [{"destination": "KMSTN8", "pairs": ["SAE1:SAE8"]}],
+        "quotas": [{"sae": "SAE1", "slave": "SAE8", "rate_bps": 10, "burst_bits": 256}]})
+    cfg = load_node_config(path)
+    assert "KMSTN8" not in cfg.topology.kmstns
+    assert [(s.destination, s.pairs) for s in cfg.supply.stocks] == [
+        ("KMSTN8", (("SAE1", "SAE8"),))]
+
+
+@pytest.mark.parametrize(("supply", "field", "problem"), [
+    ({"stocks": [{"destination": "KMSTN1", "pairs": ["SAE1:SAE8"]}]},
+     "supply.stocks[0].destination", "not another KMSTN"),
+    ({"stocks": [{"destination": "KMSTN8", "pairs": ["SAE2:SAE8"]}]},
+     "supply.stocks[0].pairs", "is not served by KMSTN1"),
+    ({"quotas": [{"sae": "SAE8", "rate_bps": 1, "burst_bits": 1}]},
+     "supply.quotas[0].sae", "not served by KMSTN1"),
+], ids=["toward itself", "master elsewhere", "quota of a far SAE"])
+def test_a_per_node_file_still_checks_what_it_knows(tmp_path: Path, pki: Pki, supply: Any,
+                                                    field: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_node_config(_per_node_file(tmp_path, pki, supply))
+    assert err.value.field == field
+    assert problem in err.value.problem
