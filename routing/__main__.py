@@ -8,6 +8,7 @@ in; without it, it is the configured topology.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Sequence
 
 from kme import metrics
@@ -23,6 +24,16 @@ def build(rt: Runtime) -> None:
     learned = None
     if rt.config.linkstate is not None:
         learned = LearnedRouting(build_engine(rt.config, rt.log), table, rt.log)
+        # Until its neighbours have been heard and synced with (hellos, then a
+        # header swap), what this node does not know may exist: UNAVAILABLE
+        # with Retry-After, not "unknown SAE", for that long.
+        ls = rt.config.linkstate
+        table.set_learning(True)
+        settle = threading.Timer((2 * ls.hello_interval_ms + ls.dead_interval_ms) / 1000,
+                                 table.set_learning, args=(False,))
+        settle.daemon = True
+        rt.on_start(settle.start)
+        rt.on_stop(settle.cancel)
     routing_pb2_grpc.add_RoutingServicer_to_server(RoutingService(table, rt.log, learned),
                                                    rt.server)
     # Link state is read from the table when scraped, whoever changed it.

@@ -76,7 +76,8 @@ def table_to_proto(table: ForwardingTable) -> routing_pb2.ForwardingTable:
         entries.append(msg)
     return routing_pb2.ForwardingTable(
         version=table.version, self_node_id=table.self_node, entries=entries,
-        saes=[routing_pb2.SaeInfo(sae_id=s, node_id=n) for s, n in table.saes.items()])
+        saes=[routing_pb2.SaeInfo(sae_id=s, node_id=n) for s, n in table.saes.items()],
+        learning=table.learning)
 
 
 def table_from_proto(msg: routing_pb2.ForwardingTable) -> ForwardingTable:
@@ -106,4 +107,5 @@ def _table_from_proto(msg: routing_pb2.ForwardingTable) -> ForwardingTable:
         for e in msg.entries
     ]
     return ForwardingTable(msg.version, NodeId(msg.self_node_id), entries,
-                           {SaeId(s.sae_id): NodeId(s.node_id) for s in msg.saes})
+                           {SaeId(s.sae_id): NodeId(s.node_id) for s in msg.saes},
+                           learning=msg.learning)

@@ -32,7 +32,7 @@ from kme.rpc.v1 import routing_pb2, routing_pb2_grpc
 from kme.types import NodeId, SaeId
 from routing.client import RoutingClient
 from routing.convert import table_from_proto
-from routing.table import ForwardingTable, Route, unknown_sae_error
+from routing.table import ForwardingTable, Route
 
 __all__ = ["TableFollower"]
 
@@ -122,7 +122,10 @@ class TableFollower:
         try:
             return saes[SaeId(sae)]
         except KeyError:
-            raise unknown_sae_error(sae) from None
+            pass
+        # Not in the snapshot: the service says why (unknown, or not known yet
+        # while it is still learning link state), or knows it by now.
+        return self._client.route_to_sae(sae).destination
 
     def known_saes(self) -> dict[SaeId, NodeId]:
         """Every SAE the routes know (configured, or learned from link state) and its node."""

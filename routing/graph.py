@@ -43,6 +43,7 @@ from routing.table import (
     LinkState,
     Route,
     TableEntry,
+    learning_error,
     no_route_error,
     unknown_node_error,
     unknown_sae_error,
@@ -79,6 +80,8 @@ class RoutingTable:
         self._changed = threading.Condition(self._lock)
         self._version = 1
         self._forwarding: ForwardingTable | None = None
+        # Just started with link state: what is not known yet may exist (set_learning).
+        self._learning = False
         self._rebuild()
 
     # -- state -----------------------------------------------------------------
@@ -121,7 +124,23 @@ class RoutingTable:
             try:
                 return self._saes[SaeId(sae)]
             except KeyError:
+                if self._learning:
+                    raise learning_error(f"SAE {sae!r}") from None
                 raise unknown_sae_error(sae) from None
+
+    @property
+    def learning(self) -> bool:
+        return self._learning
+
+    def set_learning(self, learning: bool) -> None:
+        """While learning (a routing service just started with link state, its database
+        not yet synced with its neighbours), an SAE or node not known is UNAVAILABLE
+        (ask again), not unknown; the change is a new table version."""
+        with self._lock:
+            if learning != self._learning:
+                self._learning = learning
+                self._version += 1
+                self._changed.notify_all()
 
     def set_link_state(self, link_id: str, up: bool, cost: float | None = None) -> LinkState:
         """Hold a link down (or let it up again), or change its cost; routes change at once.
@@ -270,7 +289,8 @@ class RoutingTable:
                     hop = first[i]
                     entries.append(TableEntry(node, paths[i], float(dist[i]), hop.to_node,
                                               hop.link_id, hop.kind, into[i]))
-            self._forwarding = ForwardingTable(self._version, me, entries, self._saes)
+            self._forwarding = ForwardingTable(self._version, me, entries, self._saes,
+                                               learning=self._learning)
             return self._forwarding
 
     def _walk(self, i: int, pred: NDArray[np.int32], paths: dict[int, tuple[NodeId, ...]],
@@ -303,6 +323,8 @@ class RoutingTable:
         try:
             return self._index[NodeId(node)]
         except KeyError:
+            if self._learning:
+                raise learning_error(f"KMSTN {node!r}") from None
             raise unknown_node_error(node) from None
 
     def _no_route(self, src: int, dst: int) -> KmstnError:

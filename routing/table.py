@@ -90,6 +90,13 @@ def unknown_sae_error(sae: str) -> KmstnError:
     return KmstnError(ErrorCode.UNKNOWN_SAE, f"unknown SAE {sae!r}")
 
 
+def learning_error(what: str) -> KmstnError:
+    """An SAE or node not known while this node is still learning link state (just
+    started): the federation may well have it, so the caller should ask again."""
+    return KmstnError(ErrorCode.UNAVAILABLE, f"{what} is not known yet: this node is still "
+                      "learning the federation's link state", retry_after_s=1)
+
+
 def no_route_error(source: str, destination: str, cut: Iterable[str]) -> KmstnError:
     """NO_ROUTE naming the cut: the down links that would join source's part to the rest."""
     where = f"no path from {source} to {destination}"
@@ -128,8 +135,10 @@ class ForwardingTable:
     """The routes from one node at one topology version; immutable once built."""
 
     def __init__(self, version: int, self_node: NodeId, entries: Iterable[TableEntry],
-                 saes: Mapping[SaeId, NodeId]) -> None:
+                 saes: Mapping[SaeId, NodeId], learning: bool = False) -> None:
         self._version = version
+        # Link state still being learned: what is not known yet may exist.
+        self.learning = learning
         self._self = self_node
         self._entries = {e.destination: e for e in entries}
         self._saes = dict(saes)
@@ -194,12 +203,16 @@ class ForwardingTable:
         try:
             return self._entries[NodeId(node)]
         except KeyError:
+            if self.learning:
+                raise learning_error(f"KMSTN {node!r}") from None
             raise unknown_node_error(node) from None
 
     def node_of_sae(self, sae: str) -> NodeId:
         try:
             return self._saes[SaeId(sae)]
         except KeyError:
+            if self.learning:
+                raise learning_error(f"SAE {sae!r}") from None
             raise unknown_sae_error(sae) from None
 
     def route_to_sae(self, sae: str) -> Route:

@@ -162,6 +162,38 @@ def test_unknown_sae_and_link(testbed: RoutingTable) -> None:
     assert err.value.code is ErrorCode.INVALID_ARGUMENT
 
 
+def test_while_learning_an_unknown_sae_or_node_is_not_known_yet(testbed: RoutingTable) -> None:
+    """A routing service just started with link state has not heard its neighbours yet:
+    an SAE or node it lacks may exist, so the answer is UNAVAILABLE with Retry-After
+    (ETSI 014: 503), from the graph and from the table a subscriber follows; once it has
+    learned, the same question is UNKNOWN_SAE / UNKNOWN_NODE again."""
+    v0 = testbed.version
+    testbed.set_learning(True)
+    assert testbed.version == v0 + 1
+    followed = over_the_wire(testbed)
+    assert followed.learning
+    for ask in (lambda: testbed.route_to_sae("nobody"), lambda: followed.route_to_sae("nobody"),
+                lambda: testbed.route_to_node("KMSTN99"),
+                lambda: followed.route_to_node("KMSTN99")):
+        with pytest.raises(KmstnError) as err:
+            ask()
+        assert err.value.code is ErrorCode.UNAVAILABLE
+        assert err.value.retry_after_s == 1
+        assert "not known yet" in err.value.public
+    # What it knows it answers as ever.
+    assert followed.route_to_sae("SAE8").path[-1] == "KMSTN8"
+    testbed.set_learning(False)
+    assert testbed.version == v0 + 2
+    followed = over_the_wire(testbed)
+    assert not followed.learning
+    with pytest.raises(KmstnError) as err:
+        followed.route_to_sae("nobody")
+    assert err.value.code is ErrorCode.UNKNOWN_SAE
+    with pytest.raises(KmstnError) as err:
+        testbed.route_to_node("KMSTN99")
+    assert err.value.code is ErrorCode.UNKNOWN_NODE
+
+
 # -- the forwarding table ------------------------------------------------------
 
 

@@ -473,12 +473,19 @@ class ForwardingTable(_message.Message):
     SELF_NODE_ID_FIELD_NUMBER: _builtins.int
     ENTRIES_FIELD_NUMBER: _builtins.int
     SAES_FIELD_NUMBER: _builtins.int
+    LEARNING_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Changes whenever link state changes; equal to RouteResponse's
     topology_version for routes computed on the same link state.
     """
     self_node_id: _builtins.str
     """The node the table is for: the source of every path."""
+    learning: _builtins.bool
+    """This node is still learning link state (its routing service just
+    started and has not yet heard from its neighbours): an SAE or node not
+    in the table may exist, and is answered UNAVAILABLE (ask again), not
+    NOT_FOUND. False with configured routes.
+    """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___ForwardingTable.Entry]:
         """One entry per node of the topology, this node included."""
@@ -496,10 +503,11 @@ class ForwardingTable(_message.Message):
         self_node_id: _builtins.str = ...,
         entries: _abc.Iterable[Global___ForwardingTable.Entry] | None = ...,
         saes: _abc.Iterable[Global___SaeInfo] | None = ...,
+        learning: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "saes", b"saes", "self_node_id", b"self_node_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "learning", b"learning", "saes", b"saes", "self_node_id", b"self_node_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
