@@ -118,8 +118,9 @@ class Flows:
         self.receiver = Receiver(self.ctx, self.delivery)
 
     def start(self) -> None:
-        """Resume recorded work, then start the supply poller and the stock fills."""
-        self.jobs.resume()
+        """Resume recorded work (retried while the keyvault cannot answer yet), then start
+        the supply poller and the stock fills."""
+        self.jobs.resume_at_start()
         if self.supply is not None:
             self.supply.start()
         if self.stocks is not None:

@@ -207,13 +207,19 @@ class Jobs:
             self._retrier.submit(self._resume_later, {"job": "resume"}, delay=wait)
         return len(jobs)
 
-    def _resume_later(self) -> None:
+    def resume_at_start(self) -> None:
+        """:meth:`resume`, and while the keyvault cannot answer (still starting, or
+        slow), again every second: recorded work is never left behind for that."""
+        self._resume_later(retry_s=1.0)
+
+    def _resume_later(self, retry_s: float = 5.0) -> None:
         try:
             self.resume()
         except KmstnError as exc:  # the keyvault is away: look again shortly
             self._log.warning("could not list pending work", extra={
-                "error_code": exc.code.name, "error": exc.public})
-            self._retrier.submit(self._resume_later, {"job": "resume"}, delay=5.0)
+                "error_code": exc.code.name, "error": exc.public, "retry_s": retry_s})
+            self._retrier.submit(lambda: self._resume_later(retry_s), {"job": "resume"},
+                                 delay=retry_s)
 
     def _run_later(self, job: Job, delay: float) -> None:
         about = {"job_id": str(job.job_id), "kind": job.kind,

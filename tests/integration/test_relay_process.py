@@ -183,7 +183,8 @@ def test_thousand_messages_over_a_pqc_hop(pqc_pair: tuple[FederationFiles, Relay
     assert all(json.loads(e)["alg"] == env.ALG_PQC for e in envelopes)
     check_no_secrets_logged([a, b], secrets)
     # The pool was refilled in the background many times (size 16).
-    assert not any(line["level"] == "error" for line in a.log_lines() + b.log_lines())
+    errors = [line for line in a.log_lines() + b.log_lines() if line["level"] == "error"]
+    assert not errors, [json.dumps(e) for e in errors]
 
 
 def test_open_errors_through_grpc(pqc_pair: tuple[FederationFiles, RelayNode,

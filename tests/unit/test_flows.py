@@ -41,7 +41,7 @@ from kme.config import (
     Topology,
 )
 from kme.errors import ErrorCode, KmstnError
-from kme.flows import DeviceKeysNotice, Flows, Job, Outgoing, Retrier
+from kme.flows import DeviceKeysNotice, Flows, Job, Jobs, Outgoing, Retrier
 from kme.types import Deadline, Key, KeyGrant, NodeId, SaeId, SecretBytes
 from relay.outcomes import read_answer
 from relay.transport import encode
@@ -542,3 +542,33 @@ def test_csprng_source_when_a_node_has_no_qkd_link() -> None:
         assert [k.material for k in got] == [k.material for k in keys]
     finally:
         fed.close()
+
+
+class SlowToStartJobs(FakeJobs):
+    """A keyvault that cannot answer the first ``failures`` listings (still starting)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def due(self, limit: int) -> tuple[list[Job], datetime.datetime | None]:
+        if self.failures:
+            self.failures -= 1
+            raise KmstnError(ErrorCode.TIMEOUT, "internal service unavailable")
+        return super().due(limit)
+
+
+def test_recorded_work_is_resumed_even_when_the_keyvault_answers_late() -> None:
+    """A relay that starts before its keyvault can answer (or while it is slow) lists its
+    pending work again until it can: recorded work is never left behind for that."""
+
+    store = SlowToStartJobs(failures=2)
+    ran = threading.Event()
+    jobs = Jobs(store, logging.getLogger("test"), run=lambda fn: fn())
+    jobs.register("void", lambda job: ran.set())
+    job = jobs.new("void", NodeId("KMSTN2"), b"{}")
+    store.put([job])
+    jobs.resume_at_start()  # fails now, and once more a second later
+    assert ran.wait(10)
+    assert store.failures == 0 and job.job_id not in store.jobs
+    jobs.close()
