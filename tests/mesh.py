@@ -10,62 +10,17 @@ signed link state.
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
-import tomllib
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from lab.federation import Federation
-from tests.helpers import REPO, free_port, write_toml
+from tests.testbed import Testbed, start_example
 
 __all__ = ["Mesh", "start_mesh"]
+
+Mesh = Testbed  # the same handle: root, federation, manifest
 
 
 def _host(original: str) -> str:
     return "127.0.0.5" + original.rsplit(".", 1)[1][-1]
 
 
-@dataclass
-class Mesh:
-    __test__ = False  # a fixture value, not a test class
-    root: Path
-    federation: Federation
-    manifest: dict[str, Any]
-
-    @property
-    def state(self) -> Path:
-        return self.federation.state
-
-    def node_file(self, node: str) -> Path:
-        return self.federation.node_file(node)
-
-
-def write_mesh(root: Path) -> Path:
-    with (REPO / "examples" / "mesh.toml").open("rb") as fh:
-        data = tomllib.load(fh)
-    for node in data["kmstn"]:
-        node["host"] = host = _host(node["host"])
-        for key in ("etsi014_port", "etsi020_port", "relay_port"):
-            node[key] = free_port(host)
-    for link in data["qkd_link"]:
-        for end in ("alice", "bob"):
-            link[end]["host"] = host = _host(link[end]["host"])
-            link[end]["port"] = free_port(host)
-    root.mkdir(parents=True, exist_ok=True)
-    return write_toml(root / "topology.toml", data)
-
-
-@contextlib.contextmanager
-def start_mesh() -> Iterator[Mesh]:
-    root = Path(tempfile.mkdtemp(prefix="kmmesh-", dir="/tmp"))
-    federation = Federation(write_mesh(root), root / "state")
-    try:
-        manifest = federation.up(timeout=240)
-        yield Mesh(root, federation, manifest)
-    finally:
-        left = federation.down()
-        shutil.rmtree(root, ignore_errors=True)
-        assert not left, f"processes left running: {left}"
+def start_mesh() -> contextlib.AbstractContextManager[Mesh]:
+    return start_example("mesh", _host, "kmmesh-")

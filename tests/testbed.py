@@ -1,4 +1,5 @@
-"""The paper's 8-node testbed (examples/testbed.toml), on free ports, for tests.
+"""The paper's 8-node testbed (examples/testbed.toml), on free ports, for tests; and the
+readdressed start of any example topology (tests/mesh.py uses it for the mesh).
 
 Same nodes, links, rates and SAEs as the example; only the addresses move
 (127.0.0.1X -> 127.0.0.8X, ports picked free) so that a test run does not
@@ -13,7 +14,7 @@ import contextlib
 import shutil
 import tempfile
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 from lab.federation import Federation
 from tests.helpers import REPO, free_port, write_toml
 
-__all__ = ["Testbed", "start_testbed"]
+__all__ = ["Testbed", "start_example", "start_testbed"]
 
 
 def _host(original: str) -> str:
@@ -44,29 +45,40 @@ class Testbed:
         return self.federation.node_file(node)
 
 
-def write_testbed(root: Path) -> Path:
-    with (REPO / "examples" / "testbed.toml").open("rb") as fh:
+def write_example(root: Path, example: str, host: Callable[[str], str] = _host) -> Path:
+    """``examples/<example>.toml`` with every address moved by ``host`` and free ports."""
+    with (REPO / "examples" / f"{example}.toml").open("rb") as fh:
         data = tomllib.load(fh)
     for node in data["kmstn"]:
-        node["host"] = host = _host(node["host"])
+        node["host"] = addr = host(node["host"])
         for key in ("etsi014_port", "etsi020_port", "relay_port"):
-            node[key] = free_port(host)
+            node[key] = free_port(addr)
     for link in data["qkd_link"]:
         for end in ("alice", "bob"):
-            link[end]["host"] = host = _host(link[end]["host"])
-            link[end]["port"] = free_port(host)
+            link[end]["host"] = addr = host(link[end]["host"])
+            link[end]["port"] = free_port(addr)
     root.mkdir(parents=True, exist_ok=True)
     return write_toml(root / "topology.toml", data)
 
 
+def write_testbed(root: Path) -> Path:
+    return write_example(root, "testbed")
+
+
 @contextlib.contextmanager
-def start_testbed(rate_scale: float = 1000.0) -> Iterator[Testbed]:
-    root = Path(tempfile.mkdtemp(prefix="km8-", dir="/tmp"))
-    federation = Federation(write_testbed(root), root / "state", qkd_rate_scale=rate_scale)
+def start_example(example: str, host: Callable[[str], str], prefix: str,
+                  **federation: Any) -> Iterator[Testbed]:
+    """A lab federation of the example, started by the real launcher, stopped after."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    fed = Federation(write_example(root, example, host), root / "state", **federation)
     try:
-        manifest = federation.up(timeout=240)
-        yield Testbed(root, federation, manifest)
+        manifest = fed.up(timeout=240)
+        yield Testbed(root, fed, manifest)
     finally:
-        left = federation.down()
+        left = fed.down()
         shutil.rmtree(root, ignore_errors=True)
         assert not left, f"processes left running: {left}"
+
+
+def start_testbed(rate_scale: float = 1000.0) -> contextlib.AbstractContextManager[Testbed]:
+    return start_example("testbed", _host, "km8-", qkd_rate_scale=rate_scale)
