@@ -636,12 +636,12 @@ def bench_fairness(ctx: Ctx) -> list[dict[str, Any]]:
         tally: dict[str, dict[str, float]] = {
             m: {"bits": 0, "served": 0, "over_quota": 0, "over_quota_retry_after": 0,
                 "other": 0} for m, _ in pairs}
-        events: list[tuple[float, str]] = []
+        events: list[tuple[float, str, int]] = []  # (when, master SAE, bits delivered)
         lock = threading.Lock()
         t_first = time.perf_counter()
 
         def loop(master: str, slave: str, honour: bool, tally: dict[str, dict[str, float]],
-                 events: list[tuple[float, str]], stop: float, lock: threading.Lock,
+                 events: list[tuple[float, str, int]], stop: float, lock: threading.Lock,
                  t_first: float) -> None:
             client = SaeClient.from_manifest(ctx.manifest, master, timeout=budget + 30)
             try:
@@ -654,7 +654,8 @@ def bench_fairness(ctx: Ctx) -> list[dict[str, Any]]:
                         if status == 200:
                             mine["bits"] += KEY_BITS * len(body["keys"])
                             mine["served"] += 1
-                            events.append((time.perf_counter() - t_first, master))
+                            events.append((time.perf_counter() - t_first, master,
+                                           KEY_BITS * len(body["keys"])))
                         elif "quota" in str(body.get("message", "")):
                             mine["over_quota"] += 1
                             mine["over_quota_retry_after"] += retry is not None

@@ -191,9 +191,13 @@ def _fairness(rows: Sequence[Mapping[str, Any]], samples: Mapping[str, Any],
     for ax, phase in zip(axes, phases, strict=False):
         events = samples["phases"][phase]["events"]
         for sae in saes:
-            times = sorted(t for t, s in events if s == sae)
-            ax.step(times, [256 * (i + 1) / 1000 for i in range(len(times))], where="post",
-                    label=sae)
+            # (when, SAE, bits): a greedy SAE takes several keys per request.
+            got = sorted((e[0], e[2] if len(e) > 2 else 256) for e in events if e[1] == sae)
+            total, kbits = 0, []
+            for _, bits in got:
+                total += bits
+                kbits.append(total / 1000)
+            ax.step([t for t, _ in got], kbits, where="post", label=sae)
         jain = next((r["jain_all"] for r in rows if r["phase"] == phase), float("nan"))
         greedy = next((r["sae"] for r in rows if r["phase"] == phase and r["greedy"]), None)
         ax.set_title(f"{phase}" + (f" ({greedy} greedy)" if greedy else "")
