@@ -19,7 +19,7 @@ demo: deps venv
 # new path.
 demo-mesh: deps venv
 	$(BIN)/python -m lab.demo --topology examples/mesh.toml --state state/demo-mesh \
-		--fail-link QKD-W1-W2 --repeat 2
+		--fail-link QKD-W1-W2 --repeat 3
 
 # Link state at scale: 1,000 simulated nodes of the real link-state code.
 simulate: venv
