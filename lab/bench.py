@@ -77,7 +77,7 @@ import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from kme.config import Topology, load_node_config, load_topology
 from kme.errors import ErrorCode, KmstnError
@@ -235,19 +235,26 @@ def route_summary(ctx: Ctx, master: str, slave: str) -> tuple[int, str]:
 # -- device pools --------------------------------------------------------------------------
 
 
+DRAIN_S: Final = 2.0
+
+
 def drain_devices(ctx: Ctx) -> int:
     """Empty every emulated device pool (as the KMSTN at end a), so rates start from zero.
 
     Asks for the most keys a request may take, then halves the number after
     each 503 down to one key, so no remainder smaller than a request is left.
+    A device that makes key about as fast as it can be drawn (a high
+    ``--qkd-rate-scale``) is drawn for DRAIN_S at most: its pool is then as
+    near empty as drawing can make it.
     """
     drained = 0
     for link in ctx.topology.qkd_links:
         cfg = load_node_config(ctx.state / "nodes" / link.a / "node.toml")
         client = QkdDeviceClient(link, link.a, cfg.qkd_devices[link.id])
         number = link.max_key_per_request
+        stop = time.monotonic() + DRAIN_S
         try:
-            while number >= 1:
+            while number >= 1 and time.monotonic() < stop:
                 try:
                     drained += len(client.enc_keys(number, link.key_size))
                 except KmstnError as exc:
