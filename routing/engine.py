@@ -56,10 +56,6 @@ class Sends:
     def __bool__(self) -> bool:
         return any(self.by_node.values())
 
-    @property
-    def messages(self) -> int:
-        return sum(1 for v in self.by_node.values() if v)
-
 
 class LinkStateEngine:
     """Thread-safe. ``now_ms`` is Unix time in milliseconds (simulated in the simulator)."""
@@ -88,11 +84,6 @@ class LinkStateEngine:
     def set_on_change(self, fn: Callable[[], None]) -> None:
         """Called (outside the engine's lock) after every change to the database."""
         self._on_change = fn
-
-    @property
-    def neighbours_up(self) -> set[NodeId]:
-        with self._lock:
-            return set(self._neighbours)
 
     # -- inputs ------------------------------------------------------------------
 

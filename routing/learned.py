@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterable, Mapping
 
 from kme.config import ConfigError, NodeConfig, QkdLink
-from kme.types import NodeId, SaeId
+from kme.types import NodeId
 from routing.engine import LinkStateEngine, Sends
 from routing.graph import RoutingTable
 from routing.lsdb import Database, learned_graph
@@ -50,8 +50,7 @@ def build_engine(config: NodeConfig, log: logging.Logger) -> LinkStateEngine:
             link.id, other, link.kind, link.cost,
             link.secret_key_rate if isinstance(link, QkdLink) else 0.0,
             foreign=topology.kmstns[other].kind == "foreign"))
-    foreign = tuple(ForeignNode(link.neighbour, tuple(s for s, n in topology.saes.items()
-                                                      if n == link.neighbour))
+    foreign = tuple(ForeignNode(link.neighbour, topology.saes_of(link.neighbour))
                     for link in links if link.foreign)
     originator = Originator(me, topology.name, topology.saes_of(me), tuple(links), settings,
                             foreign)
@@ -108,6 +107,3 @@ class LearnedRouting:
     def sync(self, from_node: NodeId, theirs: Mapping[str, int]
              ) -> tuple[list[Signed], dict[NodeId, int]]:
         return self.engine.sync(from_node, theirs)
-
-    def saes(self) -> dict[SaeId, NodeId]:
-        return self.engine.db.saes()

@@ -188,10 +188,6 @@ class Database:
                         claims.setdefault(s, set()).add(f.node)
             return {s: next(iter(n)) for s, n in claims.items() if len(n) == 1}
 
-    def neighbours_in_graph(self, node: NodeId) -> set[NodeId]:
-        with self._lock:
-            return set(self._adjacent.get(node, ()))
-
     def missing_for(self, theirs: Mapping[str, int]) -> list[Signed]:
         """The records held here that a node with headers ``theirs`` lacks or holds older."""
         with self._lock:

@@ -211,10 +211,6 @@ class CertificateTrust:
         self._known: dict[bytes, tuple[NodeId, mldsa.MLDSA65PublicKey, x509.Certificate]] = {}
         self._lock = threading.Lock()
 
-    @property
-    def issuer(self) -> str:
-        return self._issuer
-
     def key_for(self, der: bytes) -> tuple[NodeId, mldsa.MLDSA65PublicKey, str]:
         """The node ID and ML-DSA-65 key the certificate pins (RecordRefusedError if none)."""
         fingerprint = hashlib.sha256(der).digest()

@@ -140,9 +140,11 @@ class RoutingService(routing_pb2_grpc.RoutingServicer):
     ) -> routing_pb2.LinkStateSyncResponse:
         learned = self._require_learned()
         theirs = {h.origin_node_id: int(h.sequence) for h in request.headers}
-        records, ours = learned.sync(node_id(request.from_node_id), theirs)
-        if request.headers_only:
-            records = []
+        records: list[Signed] = []
+        if request.headers_only:  # the relay's first step of each sync: ours only
+            ours = learned.db.headers()
+        else:
+            records, ours = learned.sync(node_id(request.from_node_id), theirs)
         return routing_pb2.LinkStateSyncResponse(records=[r.to_proto() for r in records],
                                                  headers=_headers(ours))
 

@@ -178,7 +178,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
 
 def _check_neighbourhood(root: Table, topology: Topology, me: NodeId) -> None:
     """A per-node file names only this node's neighbourhood (each problem names its field)."""
-    linked = {link.other(me) for link in topology.links if me in (link.a, link.b)}
+    linked = {link.other(me) for link in topology.links_of(me)}
     for i, k in enumerate(topology.kmstns.values()):
         if k.id != me and k.id not in linked:
             raise root.error(f"kmstn[{i}].id", f"{k.id} is not a neighbour of {me} (no link "
