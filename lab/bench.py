@@ -21,9 +21,10 @@ wall time), the rate the QKD links' configured rates allow (see
 :func:`qkd_cost`), and the rate the key the devices actually generated
 during the window allows (their counters; block arrivals are random, so over
 a hundred keys the configured mean is a poor yardstick). "ratio" is
-delivered / what the generated key allows. Before each pair every emulated device pool is drained
-(as the KMSTN at its end), so the figure is the steady-state rate, not the
-key that piled up while the federation idled. The relays hold a few QKD hop
+delivered / what the generated key allows. Before each pair the emulated
+device pools its key is drawn from (the links of :func:`qkd_cost`) are
+drained (as the KMSTN at their end), so the figure is the steady-state rate,
+not the key that piled up while the federation idled. The relays hold a few QKD hop
 keys ahead of use ([relay] qkd_reserve) that draining the devices does not
 touch; an unmeasured warm-up of 10 requests, then a second drain, brings
 those pools to their steady level before the measured requests.
@@ -74,7 +75,7 @@ import statistics
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -238,8 +239,9 @@ def route_summary(ctx: Ctx, master: str, slave: str) -> tuple[int, str]:
 DRAIN_S: Final = 2.0
 
 
-def drain_devices(ctx: Ctx) -> int:
-    """Empty every emulated device pool (as the KMSTN at end a), so rates start from zero.
+def drain_devices(ctx: Ctx, only: Iterable[str] | None = None) -> int:
+    """Empty every emulated device pool (as the KMSTN at end a), so rates start from zero;
+    with ``only``, the pools of those QKD link IDs alone (the links a pair's key costs).
 
     Asks for the most keys a request may take, then halves the number after
     each 503 down to one key, so no remainder smaller than a request is left.
@@ -248,7 +250,10 @@ def drain_devices(ctx: Ctx) -> int:
     near empty as drawing can make it.
     """
     drained = 0
+    wanted = None if only is None else set(only)
     for link in ctx.topology.qkd_links:
+        if wanted is not None and link.id not in wanted:
+            continue
         cfg = load_node_config(ctx.state / "nodes" / link.a / "node.toml")
         client = QkdDeviceClient(link, link.a, cfg.qkd_devices[link.id])
         number = link.max_key_per_request
@@ -317,10 +322,12 @@ def bench_keyrate(ctx: Ctx) -> list[dict[str, Any]]:
     for master, slave in _pairs(ctx, lambda: _all_pairs(ctx)):
         client = ctx.client(master)
         deadline = time.monotonic() + 3600
-        drain_devices(ctx)
+        # Only the pools this pair's key is drawn from bound its rate.
+        spent_on = list(qkd_cost(ctx.topology, ctx.sae_node(master), ctx.sae_node(slave)))
+        drain_devices(ctx, spent_on)
         for _ in range(10):  # warm-up: connections, KEM pools, QKD hop-key pools
             _request_until_served(client, slave, KEY_BITS, deadline)
-        drain_devices(ctx)
+        drain_devices(ctx, spent_on)
         gen0 = generated_bits(ctx)
         stock0 = stock_level(ctx, master, slave)
         rates: list[float] = []
