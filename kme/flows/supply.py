@@ -16,7 +16,11 @@ node's devices and one queue per link):
   turn, up to its budget. Turns are given when the poller sees key arrive, in
   deficit round robin over master SAEs (each active SAE earns
   ``quantum_bits`` per round and is served while its head request fits), so
-  under scarcity no SAE drains the link for the others. A waiter sleeps on
+  under scarcity no SAE drains the link for the others. An SAE served while
+  others compete *rests* for up to REST_S: it keeps its place and earns its
+  credit, and once it is owed a request the rounds stop for it, so a client
+  that asks again as soon as it is answered (one request at a time) is not
+  outrun by one that keeps many requests queued. A waiter sleeps on
   its own event, set only by a grant or by closing: no waiter polls. After
   the budget it fails with INSUFFICIENT_KEY and a Retry-After from the key
   ahead of it and the measured rate.
@@ -44,6 +48,9 @@ __all__ = ["LinkReading", "Quotas", "Supply", "TokenBucket", "Turn", "drr_grants
 IDLE_POLL_S = 1.0
 # The measured rate is over about this long.
 RATE_WINDOW_S = 10.0
+# How long an SAE served under competition keeps its place in the rounds while it
+# asks again (a client that waits for each answer is away for one round trip).
+REST_S = 0.25
 
 
 class TokenBucket:
@@ -165,32 +172,69 @@ class Turn:
 
 
 def drr_grants(queues: Mapping[str, collections.deque[Turn]], order: collections.deque[str],
-               deficit: dict[str, int], available: int, quantum: int) -> list[Turn]:
+               deficit: dict[str, int], available: int, quantum: int,
+               resting: dict[str, tuple[int, int]] | None = None) -> list[Turn]:
     """Deficit round robin: which waiting turns ``available`` keys serve now, in order.
 
     ``order`` is the round robin of SAEs with waiting turns; ``deficit`` their
     credit in bits. Both are updated; granted turns are removed from their
     queue. An SAE whose head needs more keys than are left keeps its credit
     and its place; the rounds stop when no head fits the keys left.
+
+    ``resting`` (SAE -> (bits, keys) of its last request), when given: SAEs
+    without a waiting turn that keep their place because they were served
+    while others competed and are expected back (the caller ends a rest
+    after a while). When the key at hand cannot serve every waiting turn and
+    every resting SAE's next request, the rounds are held for a resting SAE
+    at its place: it is credited its round (up to its last request), and the
+    rest waits until it is back or its rest ends. An SAE back with credit for
+    its head is served at once (it was owed from a round it missed). An SAE
+    whose queue empties here while another SAE has a place starts resting.
     """
     granted: list[Turn] = []
+
+    def serve(sae: str, q: collections.deque[Turn]) -> None:
+        nonlocal available
+        while q and q[0].bits <= deficit.get(sae, 0) and q[0].keys <= available:
+            turn = q.popleft()
+            deficit[sae] -= turn.bits
+            available -= turn.keys
+            granted.append(turn)
+            if not q and resting is not None and len(order) > 1:
+                resting[sae] = (max(quantum, turn.bits), turn.keys)
+
+    def leave_if_idle(sae: str) -> None:
+        if not queues[sae] and (resting is None or sae not in resting):
+            # An SAE that stops waiting keeps no credit (DRR).
+            deficit.pop(sae, None)
+            order.remove(sae)
+
+    for sae in list(order):  # owed from a round it missed while resting
+        if queues[sae] and deficit.get(sae, 0) >= queues[sae][0].bits:
+            serve(sae, queues[sae])
+    demand = (sum(t.keys for s in order for t in queues[s])
+              + sum(keys for s, (_, keys) in (resting or {}).items() if not queues[s]))
+    hold = resting is not None and demand > available
     while available > 0 and order:
         if not any(queues[s] and queues[s][0].keys <= available for s in order):
             break
         for _ in range(len(order)):
             sae = order[0]
             q = queues[sae]
+            if not q and resting is not None and sae in resting:
+                owed_bits, _ = resting[sae]
+                if hold and deficit.get(sae, 0) >= owed_bits:
+                    return granted  # owed its next request: the rest is held for it
+                if hold:
+                    deficit[sae] = min(owed_bits, deficit.get(sae, 0) + quantum)
+                order.rotate(-1)
+                if hold and deficit[sae] >= owed_bits:
+                    return granted
+                continue
             deficit[sae] = deficit.get(sae, 0) + quantum
-            while q and q[0].bits <= deficit[sae] and q[0].keys <= available:
-                turn = q.popleft()
-                deficit[sae] -= turn.bits
-                available -= turn.keys
-                granted.append(turn)
+            serve(sae, q)
             order.rotate(-1)
-            if not q:
-                # An SAE that stops waiting keeps no credit (DRR).
-                deficit.pop(sae, None)
-                order.remove(sae)
+            leave_if_idle(sae)
             if available <= 0:
                 break
     return granted
@@ -206,6 +250,9 @@ class _Link:
             collections.deque)
         self.order: collections.deque[str] = collections.deque()
         self.deficit: dict[str, int] = {}
+        # SAEs resting in the rounds (see drr_grants): their last request, and until when.
+        self.resting: dict[str, tuple[int, int]] = {}
+        self.rest_until: dict[str, float] = {}
         # Keys granted to turns that have not drawn yet (so one reading is not
         # handed out twice).
         self.promised = 0
@@ -305,13 +352,29 @@ class Supply:
         return reading
 
     def _dispatch(self, link: _Link, stored: int) -> None:
+        now = self._clock()
+        for sae in [s for s, until in link.rest_until.items() if until <= now]:
+            self._end_rest(link, sae)
         available = stored - link.promised
         for turn in drr_grants(link.queues, link.order, link.deficit, available,
-                               self.settings.quantum_bits):
+                               self.settings.quantum_bits, link.resting):
             turn.granted = True
             link.promised += turn.keys
             link.busy += 1
             turn.event.set()
+        for sae in link.resting:
+            link.rest_until.setdefault(sae, now + REST_S)
+
+    @staticmethod
+    def _end_rest(link: _Link, sae: str) -> None:
+        """An SAE stops resting: it has a turn again, or did not come back in time."""
+        link.resting.pop(sae, None)
+        link.rest_until.pop(sae, None)
+        if not link.queues.get(sae):
+            link.queues.pop(sae, None)
+            link.deficit.pop(sae, None)
+            if sae in link.order:
+                link.order.remove(sae)
 
     # -- waiting ----------------------------------------------------------------------------
 
@@ -319,7 +382,10 @@ class Supply:
         """Whether a new request must wait behind others (fair order) before drawing."""
         with self._lock:
             link = self._links.get(link_id)
-            return link is not None and (link.waiting() > 0 or link.promised > 0)
+            now = self._clock()
+            return link is not None and (
+                link.waiting() > 0 or link.promised > 0
+                or any(until > now for until in link.rest_until.values()))
 
     def wait_turn(self, link_id: str, sae: str, keys: int, bits: int, until: float,
                   front: bool = False) -> Turn:
@@ -337,6 +403,9 @@ class Supply:
                 queue.appendleft(turn)
             else:
                 queue.append(turn)
+            if sae in link.resting:  # back: it keeps its place and its credit
+                link.resting.pop(sae)
+                link.rest_until.pop(sae, None)
             if sae not in link.order:
                 link.order.append(sae)
             if link.reading is not None:  # key may be there already

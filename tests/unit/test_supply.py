@@ -83,6 +83,67 @@ def test_a_large_request_keeps_its_credit_until_enough_key_is_there() -> None:
     assert [t.sae for t in got] == ["big"]
 
 
+def _closed_loop(resting: dict[str, tuple[int, int]] | None, blocks: int = 40
+                 ) -> collections.Counter[str]:
+    """Key in blocks of 16; a and b ask for one key, again as soon as each is answered;
+    greedy keeps six four-key requests queued. Bits each SAE got."""
+    queues = {"a": collections.deque([Turn("a", 1, 256)]),
+              "b": collections.deque([Turn("b", 1, 256)]),
+              "greedy": collections.deque(Turn("greedy", 4, 1024) for _ in range(6))}
+    order: collections.deque[str] = collections.deque(queues)
+    deficit: dict[str, int] = {}
+    served: collections.Counter[str] = collections.Counter()
+    stored = 0
+    for _ in range(blocks):
+        stored += 16
+        back: list[str] = []
+        granted = drr_grants(queues, order, deficit, stored, 256, resting)
+        while granted or back:
+            for turn in granted:
+                stored -= turn.keys
+                served[turn.sae] += turn.bits
+                if turn.sae == "greedy":
+                    queues["greedy"].append(Turn("greedy", 4, 1024))
+                else:
+                    back.append(turn.sae)
+            if not back:
+                break
+            sae = back.pop(0)  # its next request arrives (Supply.wait_turn)
+            queues[sae].append(Turn(sae, 1, 256))
+            if resting is not None:
+                resting.pop(sae, None)
+            if sae not in order:
+                order.append(sae)
+            granted = drr_grants(queues, order, deficit, stored, 256, resting)
+    return served
+
+
+def test_a_client_that_asks_again_when_answered_keeps_its_share_against_a_queue() -> None:
+    served = _closed_loop({})
+    assert sum(served.values()) == 40 * 16 * 256  # every key of every block is handed out
+    assert jain_index(list(served.values())) >= 0.99
+    assert max(served.values()) <= 1.1 * min(served.values())
+    # Without rests the queue wins: the others are away whenever key is left over.
+    plain = _closed_loop(None)
+    assert plain["greedy"] > 2 * plain["a"]
+
+
+def test_rests_hold_no_key_when_there_is_enough_for_everyone() -> None:
+    queues = {"a": collections.deque([Turn("a", 1, 256)]),
+              "greedy": collections.deque(Turn("greedy", 4, 1024) for _ in range(3))}
+    order: collections.deque[str] = collections.deque(queues)
+    deficit: dict[str, int] = {}
+    resting: dict[str, tuple[int, int]] = {}
+    got = drr_grants(queues, order, deficit, 1000, 256, resting)
+    assert collections.Counter(t.sae for t in got) == {"a": 1, "greedy": 3}
+    # Each was served while the other had a place: both rest, owed their last request.
+    assert resting == {"a": (256, 1), "greedy": (1024, 4)}
+    resting.pop("greedy")  # it asks again (Supply.wait_turn ends its rest)
+    queues["greedy"].extend(Turn("greedy", 4, 1024) for _ in range(3))
+    got = drr_grants(queues, order, deficit, 1000, 256, resting)
+    assert [t.sae for t in got] == ["greedy"] * 3  # a's rest holds nothing back
+
+
 def _supply(clock: Clock, wait_ms: int = 30_000) -> tuple[Supply, dict[str, int]]:
     stored = {"n": 0}
     limits = KeyLimits(256, 64, 1024, 128, 8)
@@ -128,3 +189,33 @@ def test_the_wait_ends_with_retry_after_from_the_measured_rate() -> None:
     assert err.value.code is ErrorCode.INSUFFICIENT_KEY
     assert err.value.retry_after_s == 10  # 1,024 bits at 102.4 b/s
     assert not supply.must_queue("L")  # a timed-out request leaves the queue
+
+
+def test_a_rest_ends_and_then_the_key_goes_to_whoever_waits() -> None:
+    clock = Clock()
+    supply, _ = _supply(clock)
+    supply.observe("L", 0, 256)
+    got: dict[str, Turn] = {}
+
+    def wait(sae: str, keys: int, bits: int) -> threading.Thread:
+        t = threading.Thread(target=lambda: got.__setitem__(
+            sae, supply.wait_turn("L", sae, keys, bits, clock.now + 3600)))
+        t.start()
+        return t
+
+    waiters = [wait("a", 1, 256), wait("greedy", 4, 1024)]
+    while supply.waiting("L") < 2:
+        threading.Event().wait(0.001)
+    supply.observe("L", 2, 256)  # two keys: a is served, greedy's four do not fit
+    waiters[0].join()
+    supply.done("L", got["a"])
+    supply.drew("L", 1)
+    assert supply.must_queue("L")  # a rests: it keeps its place
+    supply.observe("L", 5, 256)  # enough for greedy, but a is owed its next key
+    assert "greedy" not in got
+    clock.now += 1.0  # a did not come back
+    supply.observe("L", 5, 256)
+    waiters[1].join()
+    assert got["greedy"].granted
+    supply.done("L", got["greedy"])
+    assert not supply.must_queue("L")
