@@ -26,7 +26,11 @@ Both ends agree across crashes:
 Fills run on one thread, within ``share`` of the source link's measured
 rate (a token bucket), only while no Get key waits for that link, and only
 from key the device already holds; key from a nearly full device store,
-which would drop it, is taken without counting against the share.
+which would drop it, is taken without counting against the share. A stock
+is topped up once it has room for a whole batch (or is empty), so a stock
+in use costs one relay per ``batch`` keys, not one per key taken. A second
+thread keeps the few keys of each stock taken ahead into memory, so a Get
+key never waits for a fill.
 """
 
 from __future__ import annotations
@@ -101,21 +105,25 @@ class Stocks:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="stock-fill", daemon=True)
+        self._threads = [threading.Thread(target=self._run, name="stock-fill", daemon=True),
+                         threading.Thread(target=self._run_ahead, name="stock-ahead",
+                                          daemon=True)]
         supply.on_reading(self._on_reading)
 
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
         if self.plans:
-            self._thread.start()
+            for thread in self._threads:
+                thread.start()
 
     def close(self) -> None:
         with self._wake:
             self._stop = True
             self._wake.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=10)
 
     def _on_reading(self, link_id: str, reading: LinkReading) -> None:
         with self._wake:
@@ -190,6 +198,8 @@ class Stocks:
             except KmstnError as exc:
                 if exc.code is not ErrorCode.INSUFFICIENT_KEY:
                     raise
+                with self._lock:
+                    self._levels[stock] = 0  # fewer than counted: recover() counts again
                 continue
             with self._wake:
                 now = self._clock()
@@ -233,8 +243,9 @@ class Stocks:
             self._vault.stock_settle(ids, ready=False)
         if forget:
             self._vault.stock_settle([e.key_id for e in forget], ready=False)
-        with self._lock:
+        with self._wake:
             self._levels = levels
+            self._wake.notify_all()
         self._publish()
         voided = sum(len(v) for v in void.values())
         if voided:
@@ -260,9 +271,16 @@ class Stocks:
         return bucket
 
     def fill_once(self) -> bool:
-        """Top up the emptiest stock by one batch if its link allows; whether a fill ran."""
-        wanting = sorted(((self.level(s) / p.settings.keys, s) for s, p in self.plans.items()
-                          if self.level(s) < p.settings.keys), key=lambda item: item[0])
+        """Top up the emptiest stock by one batch if its link allows; whether a fill ran.
+
+        A stock wants a fill once it has room for a whole batch, or is empty.
+        """
+        levels = self.levels()
+        wanting = sorted(((levels[s] / p.settings.keys, s) for s, p in self.plans.items()
+                          if levels[s] == 0
+                          or p.settings.keys - levels[s] >= min(p.settings.batch,
+                                                                 p.settings.keys)),
+                         key=lambda item: item[0])
         self._publish()
         for _, stock in wanting:
             plan = self.plans[stock]
@@ -337,6 +355,7 @@ class Stocks:
         self._vault.stock_settle(p.key_ids, ready=True)
         with self._wake:
             self._levels[stock] = self._levels.get(stock, 0) + len(keys)
+            self._wake.notify_all()  # keys to take ahead
         self._publish()
         self._log.info("stock filled", extra={"stock": str(stock), "keys": len(keys),
                                                "stock_level": self.level(stock)})
@@ -353,7 +372,6 @@ class Stocks:
                 if now >= next_check:
                     self.recover()
                     next_check = now + CHECK_S
-                self.take_ahead()
                 filled = self.fill_once()
             except KmstnError as exc:  # the keyvault or a neighbour is away: later
                 self._log.warning("stock upkeep failed", extra={
@@ -366,3 +384,22 @@ class Stocks:
                 continue
             with self._wake:
                 self._wake.wait(min(CHECK_S, max(0.01, next_check - self._clock())))
+
+    def _run_ahead(self) -> None:
+        """Keep AHEAD keys of each stock in memory: after every take, and every CHECK_S."""
+        while not self._stopping():
+            try:
+                self.take_ahead()
+            except KmstnError as exc:  # the keyvault is away: later
+                self._log.warning("stock keys could not be taken ahead", extra={
+                    "error_code": exc.code.name, "error": exc.public})
+            except Exception:
+                self._log.exception("stock take-ahead crashed")
+            with self._wake:
+                if not self._stop and not any(len(self._ahead[s]) < AHEAD
+                                              and self._levels[s] > 0 for s in self.plans):
+                    self._wake.wait(CHECK_S)
+
+    def _stopping(self) -> bool:
+        with self._lock:
+            return self._stop
