@@ -61,8 +61,9 @@ CHECK_S = 5.0
 # Keys per stock taken from the keyvault ahead of Get key (marked handed there),
 # so a Get key from a stock makes no keyvault call. A crash of the relay loses
 # these few: they stay handed here and unclaimed at the destination until its
-# key TTL, never delivered twice. They are topped up once fewer than half are
-# left: waking the take-ahead thread on every Get key cost the request about a
+# key TTL, never delivered twice. Only a stock in use (a Get key took from it in
+# the last AHEAD_MAX_AGE_S) has keys taken ahead, and they are topped up once
+# fewer than half are left: waking the take-ahead thread on every Get key cost the request about a
 # millisecond (the woken thread competes for the interpreter while the answer
 # is on its way out; SAE1->SAE2 enc_keys p50 3.4-4.6 ms with a wake per key,
 # 2.3-2.7 ms with one per eight).
@@ -105,6 +106,7 @@ class Stocks:
         # Keys taken ahead, with the (monotonic) time they were taken.
         self._ahead: dict[StockId, collections.deque[tuple[float, Key]]] = {
             s: collections.deque() for s in self.plans}
+        self._last_take: dict[StockId, float] = {}  # monotonic time of the last Get key
         self._buckets: dict[str, TokenBucket] = {}
         self._backoff: dict[StockId, tuple[float, float]] = {}  # (not before, last wait)
         self._next_handed_check = 0.0
@@ -152,6 +154,7 @@ class Stocks:
     def take(self, plan: StockPlan, number: int) -> list[Key] | None:
         """``number`` keys from the stock, or None when it holds fewer (nothing taken)."""
         with self._wake:
+            self._last_take[plan.stock] = self._clock()
             ahead = self._ahead[plan.stock]
             if number <= len(ahead):
                 keys = [ahead.popleft()[1] for _ in range(number)]
@@ -178,8 +181,15 @@ class Stocks:
         with self._lock:
             return {s: n + len(self._ahead[s]) for s, n in self._levels.items()}
 
+    def _wants_ahead(self, stock: StockId) -> int:
+        """Keys to take ahead for ``stock`` now (with the lock held): none while it is
+        not in use, so an idle stock holds nothing in memory and wastes no key."""
+        in_use = self._clock() - self._last_take.get(stock, -AHEAD_MAX_AGE_S) < AHEAD_MAX_AGE_S
+        return min(AHEAD - len(self._ahead[stock]), self._levels[stock]) if in_use else 0
+
     def take_ahead(self) -> None:
-        """Keep up to AHEAD keys of each stock in memory, taken from the keyvault."""
+        """Keep up to AHEAD keys of each stock in use in memory, taken from the keyvault;
+        keys held longer than AHEAD_MAX_AGE_S are voided."""
         for stock, plan in self.plans.items():
             with self._lock:
                 ahead = self._ahead[stock]
@@ -191,7 +201,7 @@ class Stocks:
                     Placement.of(stale, stock.master, {NodeId(stock.destination): stock.slaves},
                                  None, None), {}, Deadline.after(0))
             with self._lock:
-                want = min(AHEAD - len(self._ahead[stock]), self._levels[stock])
+                want = self._wants_ahead(stock)
             if want <= 0:
                 continue
             try:
@@ -384,7 +394,8 @@ class Stocks:
                 self._wake.wait(min(CHECK_S, max(0.01, next_check - self._clock())))
 
     def _run_ahead(self) -> None:
-        """Keep AHEAD keys of each stock in memory: after every take, and every CHECK_S."""
+        """Keep keys taken ahead: when a take leaves fewer than AHEAD_LOW, and every
+        CHECK_S (keys held too long go back)."""
         while not self._stopping():
             try:
                 self.take_ahead()
@@ -394,8 +405,7 @@ class Stocks:
             except Exception:
                 self._log.exception("stock take-ahead crashed")
             with self._wake:
-                if not self._stop and not any(len(self._ahead[s]) < AHEAD
-                                              and self._levels[s] > 0 for s in self.plans):
+                if not self._stop and not any(self._wants_ahead(s) > 0 for s in self.plans):
                     self._wake.wait(CHECK_S)
 
     def _stopping(self) -> bool:
