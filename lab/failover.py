@@ -26,7 +26,7 @@ import itertools
 import statistics
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from keyvault.client import KeyVaultClient
@@ -61,7 +61,6 @@ class FailoverRun:
     mismatched: int
     taken_twice: int
     left_in_vaults: int
-    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

@@ -161,6 +161,8 @@ class Stocks:
                 if len(ahead) < AHEAD_LOW:
                     self._wake.notify_all()  # take more ahead
                 return keys
+            if self._levels[plan.stock] < number:
+                return None  # the keyvault holds too few as well: no call to learn it
         try:
             keys = self._vault.stock_take(plan.stock, number, plan.settings.key_size)
         except KmstnError as exc:
