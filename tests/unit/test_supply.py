@@ -211,10 +211,11 @@ def test_a_rest_ends_and_then_the_key_goes_to_whoever_waits() -> None:
     supply.done("L", got["a"])
     supply.drew("L", 1)
     assert supply.must_queue("L")  # a rests: it keeps its place
-    supply.observe("L", 5, 256)  # enough for greedy, but a is owed its next key
-    assert "greedy" not in got
+    supply.observe("L", 4, 256)  # greedy's four, but then a's next key is not there
+    waiters[1].join(timeout=0.2)  # a grant would end this thread at once
+    assert waiters[1].is_alive() and "greedy" not in got
     clock.now += 1.0  # a did not come back
-    supply.observe("L", 5, 256)
+    supply.observe("L", 4, 256)
     waiters[1].join()
     assert got["greedy"].granted
     supply.done("L", got["greedy"])
