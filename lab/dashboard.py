@@ -178,8 +178,8 @@ class Dashboard:
             views = [v for s in scrapes.values() if s.ok
                      for _, v in s.values("kmstn_link_up", link=link.id)]
             state = "unknown" if not views else "down" if min(views) < 1 else "up"
-            down_at = sorted(n.split("/")[0] for n, s in scrapes.items() if s.ok and any(
-                v < 1 for _, v in s.values("kmstn_link_up", link=link.id)))
+            down_at = sorted({n.split("/")[0] for n, s in scrapes.items() if s.ok and any(
+                v < 1 for _, v in s.values("kmstn_link_up", link=link.id))})
             entry: dict[str, Any] = {"id": link.id, "kind": link.kind, "a": link.a,
                                      "b": link.b, "state": state, "down_at": down_at}
             if isinstance(link, QkdLink):

@@ -246,6 +246,14 @@ def test_dashboard_draws_the_testbed_and_follows_a_link_going_down(
                 _exchange(testbed, master, slave, 1)
         browser.wait_for("document.querySelector('g.node[data-node=\"KMSTN7\"]')"
                          ".textContent.includes('ms')")
+        # Every label of a horizontal link fits between the two node boxes (124 px wide).
+        assert browser.evaluate(
+            "[...document.querySelectorAll('g.link-group')].every(g => {"
+            " const l = g.querySelector('line.link');"
+            " const dx = Math.abs(l.x2.baseVal.value - l.x1.baseVal.value);"
+            " const dy = Math.abs(l.y2.baseVal.value - l.y1.baseVal.value);"
+            " return dx < dy || [...g.querySelectorAll('text.link-label')]"
+            "   .every(t => t.getBBox().width <= dx - 124); })")
         shot = browser.screenshot(tmp_path / "dashboard-link-down.png")
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         ARTEFACTS.mkdir(parents=True, exist_ok=True)
