@@ -222,14 +222,15 @@ def drr_grants(queues: Mapping[str, collections.deque[Turn]], order: collections
             sae = order[0]
             q = queues[sae]
             if not q and resting is not None and sae in resting:
-                owed_bits, _ = resting[sae]
-                if hold and deficit.get(sae, 0) >= owed_bits:
-                    return granted  # owed its next request: the rest is held for it
                 if hold:
+                    owed_bits = resting[sae][0]
+                    if deficit.get(sae, 0) >= owed_bits:
+                        return granted  # owed its next request: the rest is held for it
                     deficit[sae] = min(owed_bits, deficit.get(sae, 0) + quantum)
+                    if deficit[sae] >= owed_bits:
+                        order.rotate(-1)  # credited its round: the next one starts after it
+                        return granted
                 order.rotate(-1)
-                if hold and deficit[sae] >= owed_bits:
-                    return granted
                 continue
             deficit[sae] = deficit.get(sae, 0) + quantum
             serve(sae, q)
@@ -260,6 +261,18 @@ class _Link:
 
     def waiting(self) -> int:
         return sum(len(q) for q in self.queues.values())
+
+    def stop_resting(self, sae: str) -> None:
+        self.resting.pop(sae, None)
+        self.rest_until.pop(sae, None)
+
+    def forget_if_idle(self, sae: str) -> None:
+        """An SAE with no waiting turn leaves the rounds, and its credit with it."""
+        if not self.queues.get(sae):
+            self.queues.pop(sae, None)
+            self.deficit.pop(sae, None)
+            if sae in self.order:
+                self.order.remove(sae)
 
 
 class Supply:
@@ -354,7 +367,8 @@ class Supply:
     def _dispatch(self, link: _Link, stored: int) -> None:
         now = self._clock()
         for sae in [s for s, until in link.rest_until.items() if until <= now]:
-            self._end_rest(link, sae)
+            link.stop_resting(sae)  # it did not come back in time
+            link.forget_if_idle(sae)
         available = stored - link.promised
         for turn in drr_grants(link.queues, link.order, link.deficit, available,
                                self.settings.quantum_bits, link.resting):
@@ -364,17 +378,6 @@ class Supply:
             turn.event.set()
         for sae in link.resting:
             link.rest_until.setdefault(sae, now + REST_S)
-
-    @staticmethod
-    def _end_rest(link: _Link, sae: str) -> None:
-        """An SAE stops resting: it has a turn again, or did not come back in time."""
-        link.resting.pop(sae, None)
-        link.rest_until.pop(sae, None)
-        if not link.queues.get(sae):
-            link.queues.pop(sae, None)
-            link.deficit.pop(sae, None)
-            if sae in link.order:
-                link.order.remove(sae)
 
     # -- waiting ----------------------------------------------------------------------------
 
@@ -403,9 +406,7 @@ class Supply:
                 queue.appendleft(turn)
             else:
                 queue.append(turn)
-            if sae in link.resting:  # back: it keeps its place and its credit
-                link.resting.pop(sae)
-                link.rest_until.pop(sae, None)
+            link.stop_resting(sae)  # back, if it rested: it keeps its place and credit
             if sae not in link.order:
                 link.order.append(sae)
             if link.reading is not None:  # key may be there already
@@ -420,11 +421,7 @@ class Supply:
             for q in link.queues.values():
                 if turn in q:
                     q.remove(turn)
-            if not link.queues[sae]:
-                link.queues.pop(sae, None)
-                link.deficit.pop(sae, None)
-                if sae in link.order:
-                    link.order.remove(sae)
+            link.forget_if_idle(sae)
             ahead = sum(t.bits for q in link.queues.values() for t in q)
             reading = link.reading
         if turn.closed:
