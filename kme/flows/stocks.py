@@ -63,10 +63,10 @@ CHECK_S = 5.0
 # these few: they stay handed here and unclaimed at the destination until its
 # key TTL, never delivered twice. Only a stock in use (a Get key took from it in
 # the last AHEAD_MAX_AGE_S) has keys taken ahead, and they are topped up once
-# fewer than half are left: waking the take-ahead thread on every Get key cost the request about a
-# millisecond (the woken thread competes for the interpreter while the answer
-# is on its way out; SAE1->SAE2 enc_keys p50 3.4-4.6 ms with a wake per key,
-# 2.3-2.7 ms with one per eight).
+# fewer than half are left: waking the take-ahead thread on every Get key cost
+# the request about a millisecond (the woken thread competes for the
+# interpreter while the answer is on its way out; SAE1->SAE2 enc_keys p50
+# 3.4-4.6 ms with a wake per key, 2.3-2.7 ms with one per eight).
 AHEAD = 16
 AHEAD_LOW = AHEAD // 2
 # How often handed entries past their expiry are forgotten.
@@ -285,12 +285,11 @@ class Stocks:
     def fill_once(self) -> bool:
         """Top up the emptiest stock by one batch if its link allows; whether a fill ran.
 
-        A stock wants a fill once it has room for a whole batch, or is empty.
+        A stock wants a fill once it has room for a whole batch (an empty one always has).
         """
         levels = self.levels()
         wanting = sorted(((levels[s] / p.settings.keys, s) for s, p in self.plans.items()
-                          if levels[s] == 0
-                          or p.settings.keys - levels[s] >= min(p.settings.batch,
+                          if p.settings.keys - levels[s] >= min(p.settings.batch,
                                                                  p.settings.keys)),
                          key=lambda item: item[0])
         for _, stock in wanting:
