@@ -325,11 +325,11 @@ def bench_keyrate(ctx: Ctx) -> list[dict[str, Any]]:
         client = ctx.client(master)
         deadline = time.monotonic() + 3600
         # Only the pools this pair's key is drawn from bound its rate.
-        spent_on = list(qkd_cost(ctx.topology, ctx.sae_node(master), ctx.sae_node(slave)))
-        drain_devices(ctx, spent_on)
+        cost = qkd_cost(ctx.topology, ctx.sae_node(master), ctx.sae_node(slave))
+        drain_devices(ctx, cost)
         for _ in range(10):  # warm-up: connections, KEM pools, QKD hop-key pools
             _request_until_served(client, slave, KEY_BITS, deadline)
-        drain_devices(ctx, spent_on)
+        drain_devices(ctx, cost)
         gen0 = generated_bits(ctx)
         stock0 = stock_level(ctx, master, slave)
         rates: list[float] = []
@@ -352,7 +352,6 @@ def bench_keyrate(ctx: Ctx) -> list[dict[str, Any]]:
         allowed = allowed_rate(ctx.topology, ctx.sae_node(master), ctx.sae_node(slave),
                                ctx.rate_scale)
         delivered = (KEY_BITS * len(rates) + stocked_bits) / wall
-        cost = qkd_cost(ctx.topology, ctx.sae_node(master), ctx.sae_node(slave))
         # What the key the devices actually made in this window allows: block
         # arrivals are random, so over ~100 keys the configured mean rate is a
         # poor yardstick; the generated key is the true one.
