@@ -88,6 +88,12 @@ class Request:
     version: str
     wire: bytes
     close: bool  # the client asked for the connection to close after this request
+    # The same request already taken apart, for a server that needs no second
+    # parse (gateway/wsgi.py): the field lines passed on, as (lower-case name,
+    # value) in order, and the body (chunked coding removed; ``wire`` then
+    # carries its Content-Length, and so do these fields).
+    fields: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes = b""
 
 
 @dataclass(slots=True)
@@ -96,6 +102,7 @@ class _Head:
     target: str
     version: str
     lines: list[bytes]  # the field lines passed on
+    fields: list[tuple[bytes, bytes]]  # the same, as (lower-case name, value)
     length: int | None  # Content-Length, or None
     chunked: bool
     expect_continue: bool
@@ -285,6 +292,7 @@ class RequestReader:
         if sum(len(line) + 2 for line in lines) > lim.max_header_bytes:
             raise Refused(f"header section larger than {lim.max_header_bytes} bytes")
         kept: list[bytes] = []
+        fields: list[tuple[bytes, bytes]] = []
         hosts: list[bytes] = []
         lengths: list[bytes] = []
         codings: list[bytes] = []
@@ -307,8 +315,10 @@ class RequestReader:
             elif name == b"connection":
                 connection += [t.strip(b" \t").lower() for t in value.split(b",")]
             kept.append(line)
+            fields.append((name, value))
         if authority is not None:
             kept.append(b"Host: " + authority.encode("ascii"))
+            fields.append((b"host", authority.encode("ascii")))
             hosts = [authority.encode("ascii")]
         if len(hosts) > 1 or (version == "HTTP/1.1" and len(hosts) != 1):
             raise Refused("an HTTP/1.1 request needs exactly one Host header")
@@ -338,7 +348,8 @@ class RequestReader:
             raise Refused("unsupported Expect: only 100-continue is understood")
         close = b"close" in connection or (version == "HTTP/1.0"
                                            and b"keep-alive" not in connection)
-        return _Head(method, target, version, kept, length, chunked, bool(expects), close)
+        return _Head(method, target, version, kept, fields, length, chunked, bool(expects),
+                     close)
 
     def _field(self, line: bytes) -> tuple[bytes, bytes]:
         if len(line) > self._limits.max_field_line:
@@ -418,7 +429,11 @@ class RequestReader:
     @staticmethod
     def _request(head: _Head, body: bytes) -> Request:
         lines = [f"{head.method} {head.target} {head.version}".encode("ascii"), *head.lines]
+        fields = head.fields
         if head.chunked:
-            lines.append(b"Content-Length: " + str(len(body)).encode("ascii"))
+            length = str(len(body)).encode("ascii")
+            lines.append(b"Content-Length: " + length)
+            fields = [*fields, (b"content-length", length)]
         wire = _CRLF.join(lines) + b"\r\n\r\n" + body
-        return Request(head.method, head.target, head.version, wire, head.close)
+        return Request(head.method, head.target, head.version, wire, head.close, tuple(fields),
+                       bytes(body))

@@ -1,21 +1,21 @@
 """The ETSI 014 listener: the Flask app under Gunicorn with mutual TLS 1.2+.
 
-Gunicorn keeps its arbiter (worker processes, signals, graceful restarts)
-and its HTTP/1.1 request parser and response writer; what a gthread worker
-did in its main thread and pool threads is split differently, because that
-worker did the TLS handshake and read the request head inside a pool thread
-with no deadline (33 stalled handshakes stopped a node, issue 16):
+Gunicorn keeps its arbiter (worker processes, signals, graceful restarts);
+what a gthread worker did in its main thread and pool threads is split
+differently, because that worker did the TLS handshake and read the request
+head inside a pool thread with no deadline (33 stalled handshakes stopped a
+node, issue 16):
 
 - :class:`EdgeWorker` (a ThreadWorker) runs the edge's front loop
   (gateway/edge.py) in its main thread: non-blocking TLS handshakes with
   Python's ssl, the whole request read and framed in memory under the
   handshake, header and body deadlines, caps per source and in total.
-- Its thread pool only ever gets a complete request: Gunicorn's parser reads
-  it from memory, the Flask app runs, Gunicorn's writer answers on the TLS
-  socket (blocking, with a send timeout). Keep-alive connections go back to
-  the loop to wait for their next request.
-- Gunicorn's own refusals and log lines go the same ways as everything else:
-  an ETSI 400 with the Error body, JSON log lines, and no ``Server`` banner.
+- Its thread pool only ever gets a complete, checked request: its WSGI
+  environ is built from the edge's own parse (gateway/wsgi.py; no second
+  parse), the Flask app runs, and the whole answer goes out in one write on
+  the TLS socket (blocking, with a send timeout), with no ``Server`` banner.
+  Keep-alive connections go back to the loop to wait for their next request.
+- Gunicorn's log lines go the same way as everything else: JSON log lines.
 
 The app and its gRPC channels are built in each worker after the fork (gRPC
 channels do not survive a fork). The TLS context is built once per worker.
@@ -23,22 +23,18 @@ channels do not survive a fork). The TLS context is built once per worker.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import ssl
 import time
-import uuid
 from collections.abc import Callable
 from functools import partial
 from typing import Any, ClassVar
 
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
-from gunicorn.http import errors as http_errors
-from gunicorn.http import wsgi as gwsgi
-from gunicorn.http.parser import RequestParser
 from gunicorn.workers.gthread import ThreadWorker
 
+from gateway import wsgi
 from gateway.edge import (
     EdgeConn,
     EdgeCounters,
@@ -64,13 +60,6 @@ def tls_context(config: NodeConfig) -> ssl.SSLContext:
     ctx.load_verify_locations(str(config.tls.ca))
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
-
-
-class _QuietResponse(gwsgi.Response):  # type: ignore[misc]
-    """Gunicorn's response writer without its ``Server: gunicorn`` banner."""
-
-    def default_headers(self) -> list[str]:
-        return [h for h in super().default_headers() if not h.lower().startswith("server:")]
 
 
 class _JsonLogger(glogging.Logger):  # type: ignore[misc]
@@ -148,39 +137,20 @@ class EdgeWorker(ThreadWorker):  # type: ignore[misc]
                 loop.resume(conn, keep)
 
     def _answer(self, conn: EdgeConn, request: Request) -> bool:
-        parser = RequestParser(self.cfg, [request.wire], conn.peer)
-        try:
-            req = next(parser)
-            resp, environ = gwsgi.create(req, conn.tls, conn.peer, conn.tls.getsockname(),
-                                         self.cfg, response_class=_QuietResponse)
-        except StopIteration:
-            return False
-        except (http_errors.ParseException, http_errors.NoMoreData) as exc:
-            # The edge refuses everything Gunicorn's parser would; should
-            # they ever disagree, the client still gets an ETSI 400.
-            self._refuse(conn, request.method, str(exc)[:200])
-            return False
-        environ["wsgi.multithread"] = True
-        if not self.alive:
-            resp.force_close()
-        result = self.wsgi(environ, resp.start_response)
+        """Run the app on the checked request; the whole answer goes out in one write."""
+        keep_alive = bool(self.alive) and not request.close
+        environ = wsgi.environ_for(request, conn.tls, conn.peer, conn.tls.getsockname(),
+                                   multiprocess=self.cfg.workers > 1)
+        answer = wsgi.Answer(request.version)
+        result = self.wsgi(environ, answer.start_response)
         try:
             for chunk in result:
-                resp.write(chunk)
-            resp.close()
+                answer.write(chunk)
         finally:
             if hasattr(result, "close"):
                 result.close()
-        return not resp.should_close() and bool(self.alive)
-
-    def _refuse(self, conn: EdgeConn, method: str, reason: str) -> None:
-        request_id = str(uuid.uuid4())
-        self.edge_counters.add("refused_request")
-        log.warning("request refused", extra={"listener": "etsi014", "peer": conn.source,
-                                               "reason": reason, "request_id": request_id})
-        with contextlib.suppress(OSError, ssl.SSLError):
-            conn.tls.sendall(_render("etsi014", Refused("malformed request"), method,
-                                     request_id))
+        conn.tls.sendall(answer.render(keep_alive))
+        return keep_alive
 
 
 def _render(api: str, refusal: Refused, method: str, request_id: str) -> bytes:
