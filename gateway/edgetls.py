@@ -97,7 +97,7 @@ class StdlibTls:
             raise ConnectionError(str(exc)) from None
 
     def to_worker(self, conn: EdgeConn, send_timeout: float) -> None:
-        # Gunicorn writes with sendall(): blocking, but never longer than this.
+        # Workers write with sendall(): blocking, but never longer than this.
         conn.tls.settimeout(send_timeout)
 
     def to_loop(self, conn: EdgeConn) -> None:

@@ -3,8 +3,9 @@
 The edge (gateway/edge.py) reads every request off the wire itself and hands
 a worker only a complete one. :class:`RequestReader` is its parser: it is
 fed bytes as they arrive, finds where a request ends, checks the message
-framing strictly, and returns the request as one byte string that the
-server behind it (Gunicorn for ETSI 014, cheroot for ETSI 020) parses again
+framing strictly, and returns the request both taken apart (its fields and
+body, from which the ETSI 014 worker builds its WSGI environ: gateway/wsgi.py)
+and as one byte string that cheroot, behind the ETSI 020 edge, parses again
 without ever waiting on the network. Nothing here does I/O or logs.
 
 Because it decides where each request ends, this reader is stricter than

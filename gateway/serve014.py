@@ -138,7 +138,6 @@ class EdgeWorker(ThreadWorker):  # type: ignore[misc]
 
     def _answer(self, conn: EdgeConn, request: Request) -> bool:
         """Run the app on the checked request; the whole answer goes out in one write."""
-        keep_alive = bool(self.alive) and not request.close
         environ = wsgi.environ_for(request, conn.tls, conn.peer, conn.tls.getsockname(),
                                    multiprocess=self.cfg.workers > 1)
         answer = wsgi.Answer(request.version)
@@ -149,6 +148,8 @@ class EdgeWorker(ThreadWorker):  # type: ignore[misc]
         finally:
             if hasattr(result, "close"):
                 result.close()
+        # Decided once the app is done: a worker told to stop meanwhile says close.
+        keep_alive = bool(self.alive) and not request.close
         conn.tls.sendall(answer.render(keep_alive))
         return keep_alive
 
