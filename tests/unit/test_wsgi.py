@@ -1,4 +1,4 @@
-"""The 014 worker's WSGI side (gateway/wsgi.py): the environ of a checked request, one-write answers.
+"""The 014 worker's WSGI side (gateway/wsgi.py): a checked request's environ, one-write answers.
 
 The environ used to come from Gunicorn's parser reading the edge's bytes a
 second time; these tests hold ours to what Gunicorn's gave for the same
