@@ -138,7 +138,9 @@ class EdgeWorker(ThreadWorker):  # type: ignore[misc]
 
     def _answer(self, conn: EdgeConn, request: Request) -> bool:
         """Run the app on the checked request; the whole answer goes out in one write."""
-        environ = wsgi.environ_for(request, conn.tls, conn.peer, conn.tls.getsockname(),
+        if conn.handle is None:  # this connection's local address, asked for once
+            conn.handle = conn.tls.getsockname()
+        environ = wsgi.environ_for(request, conn.tls, conn.peer, conn.handle,
                                    multiprocess=self.cfg.workers > 1)
         answer = wsgi.Answer(request.version)
         result = self.wsgi(environ, answer.start_response)

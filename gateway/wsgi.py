@@ -58,9 +58,10 @@ def _http_date() -> str:
     return _date_value
 
 
-def environ_for(request: Request, sock: Any, peer: Any, server: Any,
+def environ_for(request: Request, sock: Any, peer: tuple[Any, ...], server: tuple[Any, ...],
                 multiprocess: bool) -> dict[str, Any]:
-    """The PEP 3333 environ of one checked request on ``sock`` (the TLS socket)."""
+    """The PEP 3333 environ of one checked request on ``sock`` (the TLS socket of a TCP
+    listener: ``peer`` and ``server`` are socket addresses)."""
     path, _, query = request.target.partition("?")
     environ: dict[str, Any] = {
         "REQUEST_METHOD": request.method,
@@ -90,14 +91,8 @@ def environ_for(request: Request, sock: Any, peer: Any, server: Any,
             environ[key] = value
     for key, values in repeated.items():
         environ[key] = ",".join(values)
-    if isinstance(peer, tuple):
-        environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = peer[0], str(peer[1])
-    else:
-        environ["REMOTE_ADDR"] = str(peer)
-    if isinstance(server, tuple):
-        environ["SERVER_NAME"], environ["SERVER_PORT"] = server[0], str(server[1])
-    else:
-        environ["SERVER_NAME"], environ["SERVER_PORT"] = str(server), ""
+    environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = peer[0], str(peer[1])
+    environ["SERVER_NAME"], environ["SERVER_PORT"] = server[0], str(server[1])
     return environ
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -36,7 +37,7 @@ def _cpu_ms(pids: list[int]) -> float:
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])
-    return total * 1000.0 / 100  # clock ticks (USER_HZ 100) to ms
+    return total * 1000.0 / os.sysconf("SC_CLK_TCK")  # clock ticks to ms
 
 
 def _listeners(host: str, port: int) -> list[int]:
